@@ -1,0 +1,5 @@
+import sys
+
+from graphduo.cli import main
+
+sys.exit(main())

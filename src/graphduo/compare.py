@@ -1,0 +1,120 @@
+"""``graphduo compare``: the same steps, from the same parameters and batches, in both paradigms."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import jax
+import numpy as np
+
+from graphduo import timing
+from graphduo.config import Config
+from graphduo.data import epoch_batches
+from graphduo.step import create_train_state
+from graphduo.train import prepare, wrap_steps
+
+MODES = ("eager", "traced")
+
+# Both modes run the same float32 arithmetic, but XLA fuses and reorders it, so results differ by
+# rounding (~1e-7 relative per op); over hundreds of Adam steps that grows to ~1e-5..1e-4 in the
+# loss. A gap above this tolerance means the two modes did not compute the same function.
+LOSS_RTOL = 1e-3
+
+
+class ModesDisagree(RuntimeError):
+    """Eager and traced training ended at different losses."""
+
+
+def fixed_batches(run, steps: int) -> list[dict[str, jax.Array]]:
+    """The first ``steps`` training batches of ``run`` (epoch after epoch), on the device."""
+    ds, cfg = run.dataset, run.config
+    stream = itertools.chain.from_iterable(
+        epoch_batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=e)
+        for e in itertools.count())
+    return [jax.device_put(b) for b in itertools.islice(stream, steps)]
+
+
+def max_abs_diff(a, b) -> float:
+    """The largest absolute elementwise difference between two pytrees of the same structure."""
+    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
+    return max(jax.tree.leaves(diffs))
+
+
+def compare(config: Config, *, warmup: int = 5) -> dict[str, Any]:
+    """Train ``config.steps`` steps in eager and in traced mode from identical parameters and batches.
+
+    Returns per-mode timings (time to first step, steady-state median and spread, samples/s),
+    the speedup, the break-even step count, both final losses and the largest parameter
+    difference. Raises ``ModesDisagree`` when the final losses differ beyond ``LOSS_RTOL``.
+    """
+    run = prepare(config)
+    batches = fixed_batches(run, run.total_steps)
+    results: dict[str, Any] = {}
+    finals = {}
+    for mode in MODES:
+        train_step, _ = wrap_steps(mode, run.model, run.tx)
+        state = create_train_state(run.model, run.tx, jax.random.key(config.seed))
+        state, metrics, times = timing.time_steps(train_step, state, batches, warmup=warmup)
+        finals[mode] = jax.device_get(state.params)
+        results[mode] = {
+            **times.summary(config.batch_size),
+            "final_loss": float(metrics[-1]["loss"]),
+            "compiles": len(train_step.compiles),
+        }
+    e, t = results["eager"], results["traced"]
+    out = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "optimizer": config.optimizer,
+        "batch_size": config.batch_size,
+        "steps": run.total_steps,
+        "modes": results,
+        "speedup": e["step_time_ms"] / t["step_time_ms"],
+        "break_even_steps": timing.break_even_steps(
+            e["first_step_s"], e["step_time_ms"] / 1e3, t["first_step_s"], t["step_time_ms"] / 1e3),
+        "max_param_diff": max_abs_diff(finals["eager"], finals["traced"]),
+        "loss_diff": abs(e["final_loss"] - t["final_loss"]),
+        "loss_rtol": LOSS_RTOL,
+        "environment": timing.environment(),
+    }
+    out["same_loss"] = bool(out["loss_diff"] <= LOSS_RTOL * max(1.0, abs(t["final_loss"])))
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A side-by-side table of a ``compare`` result, for people."""
+    e, t = result["modes"]["eager"], result["modes"]["traced"]
+    rows = [
+        ("time to first step", f"{e['first_step_s']:.3f} s", f"{t['first_step_s']:.3f} s"),
+        ("step time, median", f"{e['step_time_ms']:.3f} ms", f"{t['step_time_ms']:.3f} ms"),
+        ("step time, p10-p90", f"{e['step_time_p10_ms']:.3f}-{e['step_time_p90_ms']:.3f} ms",
+         f"{t['step_time_p10_ms']:.3f}-{t['step_time_p90_ms']:.3f} ms"),
+        ("samples/s", f"{e['samples_per_s']:,.0f}", f"{t['samples_per_s']:,.0f}"),
+        ("compilations of the step", str(e["compiles"]), str(t["compiles"])),
+        (f"loss after {result['steps']} steps", f"{e['final_loss']:.6f}", f"{t['final_loss']:.6f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{result['model']} on {result['dataset']}, batch {result['batch_size']}, "
+             f"{result['optimizer']}, {result['steps']} steps, {result['environment']['backend']} "
+             f"({result['environment']['device_kind']})", "",
+             f"{'':<{width}}  {'eager':>22}  {'traced':>22}"]
+    lines += [f"{a:<{width}}  {b:>22}  {c:>22}" for a, b, c in rows]
+    be = result["break_even_steps"]
+    lines += [
+        "",
+        f"speedup (eager / traced step time): {result['speedup']:.2f}x",
+        "break-even: " + (f"compiling pays for itself after {be} steps" if be is not None
+                          else "never: traced steps are not faster here"),
+        f"largest parameter difference after {result['steps']} steps: {result['max_param_diff']:.3g}",
+        f"same loss (rtol {result['loss_rtol']:g}): {'yes' if result['same_loss'] else 'NO'} "
+        f"(difference {result['loss_diff']:.3g})",
+    ]
+    return "\n".join(lines)
+
+
+def compare_config(**overrides) -> Config:
+    """The config ``compare`` uses: the training defaults, 200 steps."""
+    overrides.setdefault("steps", 200)
+    return dataclasses.replace(Config(), **overrides)

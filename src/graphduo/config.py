@@ -1,0 +1,112 @@
+"""Every setting of a run and its default, in one typed dataclass. The CLI is built from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from graphduo.data import DATASETS
+from graphduo.models import MODELS
+from graphduo.step import OPTIMIZERS, SCHEDULES
+
+MODES = ("eager", "traced")
+DEFAULT_EPOCHS = 10
+
+
+class ConfigError(ValueError):
+    """A setting is invalid. ``str(err)`` is one line naming the value and the fix."""
+
+
+def _field(default, help: str, *, choices=None, metavar=None, parse=None):
+    meta = {"help": help, "choices": choices, "metavar": metavar, "parse": parse}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def parse_ints(text: str, sep: str = ",") -> tuple[int, ...]:
+    """``"512,512"`` -> ``(512, 512)``; ``"28x28x1"`` with ``sep="x"``."""
+    try:
+        values = tuple(int(v) for v in str(text).split(sep) if v.strip())
+    except ValueError:
+        raise ConfigError(f"expected integers separated by {sep!r}, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"expected integers separated by {sep!r}, got {text!r}")
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A training run. Field names are the CLI flags (``batch_size`` -> ``--batch-size``)."""
+
+    model: str = _field("cnn", "model to train", choices=MODELS)
+    mode: str = _field("traced", "eager: op by op (dynamic graph); traced: jax.jit + XLA (static graph)",
+                       choices=MODES)
+    dataset: str = _field("digits", "data set; digits ships with scikit-learn, the others are read from "
+                          "--data-dir", choices=DATASETS)
+    optimizer: str = _field("adam", "optax optimizer", choices=OPTIMIZERS)
+    lr: float = _field(1e-3, "peak learning rate")
+    batch_size: int = _field(32, "training batch size (the last partial batch of an epoch is dropped)")
+    epochs: int | None = _field(None, f"epochs to train (default {DEFAULT_EPOCHS} unless --steps is given)")
+    steps: int | None = _field(None, "optimizer steps to train (instead of --epochs)")
+    seed: int = _field(0, "seed for initialization and shuffling")
+    schedule: str = _field("constant", "learning-rate schedule", choices=SCHEDULES)
+    warmup_steps: int = _field(0, "linear warmup steps for --schedule warmup-cosine")
+    momentum: float = _field(0.9, "momentum for --optimizer momentum")
+    weight_decay: float | None = _field(None, "weight decay (default: 1e-4 for adamw, 0 otherwise)")
+    mlp_features: tuple[int, ...] = _field((512, 512), "MLP hidden widths", metavar="W,W,...",
+                                           parse=parse_ints)
+    cnn_channels: tuple[int, ...] = _field((32, 64), "CNN convolution channels", metavar="C,C,...",
+                                           parse=parse_ints)
+    cnn_dense: int = _field(128, "width of the CNN's dense layer")
+    data_dir: str | None = _field(None, "folder holding data set files (default $GRAPHDUO_DATA or "
+                                  "~/.cache/graphduo)")
+    download: bool = _field(False, "download missing data set files (needs a network)")
+    synthetic_shape: tuple[int, ...] = _field((28, 28, 1), "input shape of --dataset synthetic",
+                                              metavar="HxWxC", parse=lambda s: parse_ints(s, "x"))
+    synthetic_size: int = _field(2048, "training examples of --dataset synthetic")
+    run_dir: str | None = _field(None, "where metrics go (default runs/<time>-<model>-<mode>-<dataset>)")
+
+    @property
+    def weight_decay_value(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 1e-4 if self.optimizer == "adamw" else 0.0
+
+    def model_options(self) -> dict[str, Any]:
+        if self.model == "mlp":
+            return {"features": self.mlp_features}
+        return {"channels": self.cnn_channels, "dense": self.cnn_dense}
+
+    def validate(self) -> Config:
+        """Raise ``ConfigError`` naming the first bad setting; return ``self`` when all are valid."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"unknown {f.name} {value!r}: choose one of {', '.join(choices)}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        positive = {"batch_size": self.batch_size, "cnn_dense": self.cnn_dense,
+                    "synthetic_size": self.synthetic_size}
+        if self.epochs is not None:
+            positive["epochs"] = self.epochs
+        if self.steps is not None:
+            positive["steps"] = self.steps
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.epochs is not None and self.steps is not None:
+            raise ConfigError("give --epochs or --steps, not both")
+        for name in ("mlp_features", "cnn_channels", "synthetic_shape"):
+            if any(v <= 0 for v in getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} needs positive integers, got {getattr(self, name)}")
+        if len(self.synthetic_shape) != 3:
+            raise ConfigError(f"--synthetic-shape must be HxWxC, got {self.synthetic_shape}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

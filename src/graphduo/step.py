@@ -1,0 +1,127 @@
+"""The one training step and the one evaluation step, written once as pure functions.
+
+Nothing here is jitted. Each paradigm wraps these functions in exactly one place:
+``eager.py`` calls them as they are, ``traced.py`` compiles them with ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from graphduo.models import ApplyFn, Model
+
+Batch = dict[str, jax.Array]  # {"image": f32[B, H, W, C], "label": i32[B]}
+Metrics = dict[str, jax.Array]
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "warmup-cosine")
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes: a pytree, so it can be jitted, donated and saved.
+
+    ``rng`` is the run's base key; a step needing randomness derives its own key as
+    ``jax.random.fold_in(state.rng, state.step)``, so the stream never depends on how many
+    steps ran in one process.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def make_optimizer(
+    name: str,
+    learning_rate: float,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+) -> optax.GradientTransformation:
+    """An optax optimizer: ``sgd``, ``momentum`` (heavy ball), ``adam`` or ``adamw``.
+
+    ``schedule="warmup-cosine"`` ramps the rate linearly from 0 over ``warmup_steps``, then
+    decays it to 0 along a cosine by ``total_steps``. ``weight_decay`` is decoupled for
+    ``adamw`` (optax's own) and added to the gradient (L2) for the others.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    lr: float | optax.Schedule = learning_rate
+    if schedule == "warmup-cosine":
+        if not total_steps:
+            raise ValueError("schedule 'warmup-cosine' needs total_steps")
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), end_value=0.0
+        )
+    if name == "adamw":
+        return optax.adamw(lr, weight_decay=weight_decay)
+    base = {
+        "sgd": lambda: optax.sgd(lr),
+        "momentum": lambda: optax.sgd(lr, momentum=momentum),
+        "adam": lambda: optax.adam(lr),
+    }[name]()
+    if weight_decay:
+        return optax.chain(optax.add_decayed_weights(weight_decay), base)
+    return base
+
+
+def create_train_state(model: Model, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """Initial parameters from ``rng`` and the optimizer's initial state."""
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_rng)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy against integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_train_step(
+    apply_fn: ApplyFn, tx: optax.GradientTransformation
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """``train_step(state, batch) -> (state, {"loss", "accuracy"})``: one pure optimizer step.
+
+    The metrics describe the parameters *before* the update (the loss the gradient came from).
+    """
+
+    def loss_fn(params, batch):
+        logits = apply_fn(params, batch["image"])
+        return cross_entropy(logits, batch["label"]), logits
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        new_state = TrainState(state.step + 1, params, opt_state, state.rng)
+        return new_state, {"loss": loss, "accuracy": accuracy}
+
+    return train_step
+
+
+def make_eval_step(apply_fn: ApplyFn) -> Callable[[Any, Batch], Metrics]:
+    """``eval_step(params, batch) -> {"loss_sum", "correct", "count"}``: sums, so batches add up.
+
+    ``batch["mask"]`` (1 for real examples, 0 for padding) lets the last batch be padded to the
+    same shape as the others, so a traced evaluation compiles once.
+    """
+
+    def eval_step(params, batch: Batch) -> Metrics:
+        logits = apply_fn(params, batch["image"])
+        mask = batch["mask"]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        hits = jnp.argmax(logits, -1) == batch["label"]
+        return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(hits * mask), "count": jnp.sum(mask)}
+
+    return eval_step

@@ -1,0 +1,134 @@
+"""The lean ``apply`` of each model computes what its Flax module computes, and gradients are right."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from graphduo.models import build_model, count_params, max_pool_2x2
+from graphduo.step import cross_entropy
+
+# float32 matmuls and convolutions summed in a different order differ by a few ulps per output;
+# 1e-5 relative / 1e-5 absolute is ~100 ulps on logits of order 1: rounding, not a different function.
+RTOL = ATOL = 1e-5
+
+CASES = [
+    pytest.param("mlp", (8, 8, 1), {"features": (16, 12)}, id="mlp-8x8"),
+    pytest.param("cnn", (8, 8, 1), {"channels": (4, 6), "dense": 12}, id="cnn-8x8"),
+    pytest.param("cnn", (28, 28, 1), {}, id="cnn-28x28-default"),
+    pytest.param("cnn", (7, 9, 3), {"channels": (5,), "dense": 8}, id="cnn-odd-edges"),
+]
+
+
+def _inputs(shape, n=4, seed=1):
+    return jax.random.normal(jax.random.key(seed), (n, *shape))
+
+
+@pytest.mark.parametrize("name,shape,options", CASES)
+def test_apply_matches_flax_module(name, shape, options):
+    model = build_model(name, shape, 10, **options)
+    params = model.init(jax.random.key(0))
+    x = _inputs(shape)
+    want = model.module.apply({"params": params}, x)
+    got = model.apply(params, x)
+    assert got.shape == (4, 10)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name,shape,options", CASES)
+def test_gradients_match_flax_module(name, shape, options):
+    model = build_model(name, shape, 10, **options)
+    params = model.init(jax.random.key(0))
+    x, y = _inputs(shape), jnp.arange(4) % 10
+    want = jax.grad(lambda p: cross_entropy(model.module.apply({"params": p}, x), y))(params)
+    got = jax.grad(lambda p: cross_entropy(model.apply(p, x), y))(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_equivalence_check_can_fail():
+    """Negative control: a shift of one output bias by 1e-3 is caught by the same tolerance."""
+    model = build_model("cnn", (8, 8, 1), 10, channels=(4, 6), dense=12)
+    params = model.init(jax.random.key(0))
+    x = _inputs((8, 8, 1))
+    perturbed = jax.tree.map(lambda p: p, params)
+    perturbed["Dense_1"]["bias"] = perturbed["Dense_1"]["bias"].at[0].add(1e-3)
+    want = model.module.apply({"params": params}, x)
+    assert not np.allclose(model.apply(perturbed, x), want, rtol=RTOL, atol=ATOL)
+
+
+def test_max_pool_matches_reduce_window():
+    x = _inputs((9, 6, 3), n=2)
+    np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+
+
+def test_param_count_of_default_models():
+    mlp = build_model("mlp", (28, 28, 1), 10)
+    assert count_params(mlp.init(jax.random.key(0))) == 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    cnn = build_model("cnn", (28, 28, 1), 10)
+    expected = (3 * 3 * 1 * 32 + 32) + (3 * 3 * 32 * 64 + 64) + (7 * 7 * 64 * 128 + 128) + (128 * 10 + 10)
+    assert count_params(cnn.init(jax.random.key(0))) == expected
+
+
+def test_unknown_model_names_choices():
+    with pytest.raises(ValueError, match="unknown model 'resnet': choose one of mlp, cnn"):
+        build_model("resnet", (8, 8, 1), 10)
+
+
+def _numpy_mlp_loss(params, x, y):
+    """An independent float64 NumPy reference of the MLP and its loss (no JAX involved)."""
+    h = x.reshape(len(x), -1)
+    n = len(params)
+    for i in range(n):
+        h = h @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
+        if i < n - 1:
+            h = np.maximum(h, 0.0)
+    h = h - h.max(axis=1, keepdims=True)
+    logp = h - np.log(np.exp(h).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(y)), y].mean()
+
+
+def test_mlp_gradient_against_float64_finite_differences():
+    model = build_model("mlp", (3, 2, 1), 4, features=(5,))
+    params = model.init(jax.random.key(3))
+    x = np.asarray(_inputs((3, 2, 1), n=6), np.float64)
+    y = np.array([0, 1, 2, 3, 0, 1])
+    grads = jax.grad(lambda p: cross_entropy(model.apply(p, jnp.asarray(x, jnp.float32)), y))(params)
+
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    eps = 1e-6  # central differences in float64: truncation ~eps^2, rounding ~1e-16/eps: both << 1e-6
+    checked = 0
+    for layer in p64:
+        for name, value in p64[layer].items():
+            fd = np.zeros_like(value)
+            for idx in np.ndindex(value.shape):
+                orig = value[idx]
+                value[idx] = orig + eps
+                up = _numpy_mlp_loss(p64, x, y)
+                value[idx] = orig - eps
+                down = _numpy_mlp_loss(p64, x, y)
+                value[idx] = orig
+                fd[idx] = (up - down) / (2 * eps)
+            # JAX computes in float32: agreement to ~1e-5 absolute on gradients of order 0.1.
+            np.testing.assert_allclose(grads[layer][name], fd, rtol=1e-4, atol=2e-6)
+            checked += value.size
+    assert checked == count_params(params)
+
+
+def test_cnn_gradient_against_float64_finite_differences():
+    """The CNN's autodiff gradient against central differences of the same function in float64."""
+    model = build_model("cnn", (4, 4, 1), 3, channels=(2,), dense=3)
+    x = np.asarray(_inputs((4, 4, 1), n=3), np.float64)
+    y = np.array([0, 1, 2])
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.init(jax.random.key(5)))
+        loss = jax.jit(lambda p: cross_entropy(model.apply(p, jnp.asarray(x)), y))
+        grads = jax.grad(lambda p: cross_entropy(model.apply(p, jnp.asarray(x)), y))(params)
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        eps = 1e-6
+        basis = np.eye(flat.size)
+        fd = np.array([(loss(unravel(flat + eps * e)) - loss(unravel(flat - eps * e))) / (2 * eps)
+                       for e in basis])
+        g = np.asarray(jax.flatten_util.ravel_pytree(grads)[0])
+    np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-8)
