@@ -206,7 +206,7 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
             evals.append(record)
             if bar is not None:
                 bar.write(f"epoch {epoch + 1}/{run.epochs}  step {step}  test loss {result['loss']:.4f}  "
-                          f"test accuracy {result['accuracy']:.2%}")
+                          f"test accuracy {result['accuracy']:.2%}", file=sys.stderr)
     finally:
         writer.close()
         if bar is not None:

@@ -1,0 +1,57 @@
+"""The training loop end to end: it learns, it records, it stops on a non-finite loss."""
+
+import dataclasses
+import json
+
+import pytest
+
+from graphduo import Config, TrainingDiverged, train_and_evaluate
+
+SUMMARY_KEYS = {"model", "mode", "dataset", "steps", "final_loss", "test_accuracy", "step_time_ms",
+                "compile_time_s"}
+
+
+@pytest.mark.parametrize("mode", ["traced", "eager"])
+def test_cnn_reaches_95_percent_on_digits(mode, tmp_path):
+    # 6 epochs of 44 steps: traced ~2 s, eager ~12 s on 2 CPU cores. Measured: 95.0% after 4 epochs,
+    # 97.8% after 5, 98.1% after 6: 6 leaves a 3-point margin over the 95% goal.
+    config = Config(model="cnn", mode=mode, epochs=6, run_dir=str(tmp_path / mode))
+    summary = train_and_evaluate(config, progress=False)
+    assert summary["test_accuracy"] >= 0.95, summary
+    assert summary["steps"] == 6 * 44 and summary["epochs"] == 6
+    assert SUMMARY_KEYS <= summary.keys()
+    if mode == "traced":
+        assert summary["compiles"] == 1 and summary["compile_time_s"] > 0
+    else:
+        assert summary["compiles"] == 0 and summary["compile_time_s"] == 0
+
+
+def test_run_directory_records_config_metrics_and_summary(tmp_path):
+    run_dir = tmp_path / "run"
+    config = Config(model="mlp", mlp_features=(32,), optimizer="sgd", lr=0.05, steps=60, run_dir=str(run_dir))
+    summary = train_and_evaluate(config, progress=False, log_every=20)
+    assert json.loads((run_dir / "config.json").read_text())["steps"] == 60
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [20, 40, 60]
+    # 60 steps of 32 over 1438 examples (44 steps an epoch): an evaluation after each of 2 epochs.
+    assert [r["step"] for r in evals] == [44, 60]
+    assert evals[-1]["test_accuracy"] == summary["test_accuracy"]
+    assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_schedules_weight_decay_and_every_optimizer_train(tmp_path):
+    base = Config(model="mlp", mlp_features=(32,), steps=80, run_dir=str(tmp_path / "r"))
+    for optimizer, lr in [("sgd", 0.1), ("momentum", 0.02), ("adam", 1e-3), ("adamw", 1e-3)]:
+        config = dataclasses.replace(base, optimizer=optimizer, lr=lr, schedule="warmup-cosine",
+                                     warmup_steps=5, run_dir=str(tmp_path / optimizer))
+        summary = train_and_evaluate(config, progress=False)
+        assert summary["test_accuracy"] > 0.5, (optimizer, summary)
+
+
+def test_non_finite_loss_stops_with_the_step_number(tmp_path):
+    config = Config(model="mlp", optimizer="sgd", lr=1e6, steps=50, run_dir=str(tmp_path / "r"))
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step \d+: lower --lr"):
+        train_and_evaluate(config, progress=False)
