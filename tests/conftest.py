@@ -7,6 +7,11 @@ import pytest
 
 import graphduo
 
+# Four virtual CPU devices, so data-parallel code is tested without accelerators. Set before any
+# test touches a JAX backend; single-device tests use the first.
+NUM_DEVICES = 4
+jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
+
 
 @pytest.fixture(scope="session")
 def digits():

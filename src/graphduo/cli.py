@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+import threading
 import types
 import typing
 
@@ -106,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(compare, only=compare_fields, defaults={"steps": 200})
     _add_output_flags(compare, "print the result as one JSON object on stdout")
     compare.set_defaults(config_fields=compare_fields)
+
+    launch = sub.add_parser(
+        "launch", help="start P local processes of a multi-process run (a cluster rehearsal)",
+        description="Start P processes of 'graphduo train' on this machine, joined through a coordinator on "
+                    "127.0.0.1 at a free port, each with D devices (virtual CPU devices unless JAX_PLATFORMS "
+                    "says otherwise): the one-machine rehearsal of a cluster run. Only process 0 reports.",
+        epilog="example: graphduo launch --processes 2 --devices-per-process 2 -- train --strategy shard_map "
+               "--model mlp --steps 100")
+    launch.add_argument("--processes", type=int, default=2, help="number of processes (default: 2)")
+    launch.add_argument("--devices-per-process", type=int, default=1, help="devices per process (default: 1)")
+    launch.add_argument("--timeout", type=float, default=None,
+                        help="stop every process after this many seconds (default: no limit)")
+    launch.add_argument("--init-timeout", type=int, default=60,
+                        help="seconds the processes wait for each other to start (default: 60)")
+    launch.add_argument("child", nargs=argparse.REMAINDER, metavar="-- train ...",
+                        help="the graphduo train command each process runs")
     train.set_defaults(config_fields=tuple(f.name for f in dataclasses.fields(Config)))
     return parser
 
@@ -123,8 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.WARNING, format="graphduo: %(message)s", stream=sys.stderr)
     prog = f"graphduo {args.command}"
+    if args.command == "launch":
+        from graphduo.launch import launch
+
+        return launch(args, build_parser())
     try:
         config = _config_from(args, args.config_fields).validate()
+        setup_runtime(config)
         if args.command == "train":
             return _train(config, args)
         return _compare(config, args)
@@ -136,6 +159,46 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def setup_runtime(config: Config) -> None:
+    """Settings JAX reads once, at backend start: the entry point's job, never a library module's.
+
+    ``--devices N`` on a CPU creates N virtual devices. A multi-process run joins the others
+    through ``jax.distributed.initialize``; a watchdog turns a peer that never arrives into a
+    one-line error instead of an abort.
+    """
+    import jax
+
+    if config.devices is not None:
+        try:
+            jax.config.update("jax_num_cpu_devices", config.devices)
+        except RuntimeError:
+            pass  # backends already started (library use, tests): the devices that exist are used
+    if not config.multi_process:
+        return
+    if config.coordinator is not None:
+        where = f"{config.num_processes} processes at {config.coordinator}"
+        kwargs = {"coordinator_address": config.coordinator, "num_processes": config.num_processes,
+                  "process_id": config.process_id}
+    else:
+        where, kwargs = "the cluster's processes (auto-detected)", {}
+    timeout = config.init_timeout
+    joined = threading.Event()
+
+    def watchdog():
+        if not joined.wait(timeout):
+            print(f"graphduo train: error: timed out after {timeout} s waiting for {where}: start every "
+                  f"process with the same settings, or raise --init-timeout", file=sys.stderr, flush=True)
+            os._exit(EXIT_FAILED)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    try:
+        jax.distributed.initialize(initialization_timeout=timeout + 30, **kwargs)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"cannot join {where}: {str(err).splitlines()[0]}") from None
+    finally:
+        joined.set()
+
+
 def _train(config: Config, args) -> int:
     from graphduo.train import TrainingDiverged, train_and_evaluate
 
@@ -144,6 +207,8 @@ def _train(config: Config, args) -> int:
     except TrainingDiverged as err:
         print(f"graphduo train: error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    if summary["process_index"] != 0:
+        return 0  # only process 0 reports
     if args.json:
         print(json.dumps(summary))
     else:

@@ -8,6 +8,7 @@ from typing import Any
 
 from graphduo.data import DATASETS
 from graphduo.models import MODELS
+from graphduo.parallel import PRECISIONS, STRATEGIES
 from graphduo.step import OPTIMIZERS, SCHEDULES
 
 MODES = ("eager", "traced")
@@ -65,12 +66,31 @@ class Config:
                                               metavar="HxWxC", parse=lambda s: parse_ints(s, "x"))
     synthetic_size: int = _field(2048, "training examples of --dataset synthetic")
     run_dir: str | None = _field(None, "where metrics go (default runs/<time>-<model>-<mode>-<dataset>)")
+    params_out: str | None = _field(None, "save the final parameters to this .npz file")
+    strategy: str = _field("none", "data parallelism: shard_map and pmap average gradients with an explicit "
+                           "pmean, auto lets XLA insert the all-reduce (jit + NamedSharding)",
+                           choices=STRATEGIES)
+    devices: int | None = _field(None, "devices per process for --strategy (on a CPU, creates this many "
+                                 "virtual devices; default: all)")
+    precision: str = _field("fp32", "bf16: compute in bfloat16 with float32 parameters and optimizer state",
+                            choices=tuple(PRECISIONS))
+    distributed: bool = _field(False, "multi-process run: call jax.distributed.initialize(), which detects "
+                               "Slurm, Open MPI, Cloud TPU and Kubernetes")
+    coordinator: str | None = _field(None, "HOST:PORT of process 0, for clusters JAX does not detect",
+                                     metavar="HOST:PORT")
+    num_processes: int | None = _field(None, "number of processes (with --coordinator)")
+    process_id: int | None = _field(None, "this process's index, 0 to num-processes - 1 (with --coordinator)")
+    init_timeout: int = _field(300, "seconds to wait for every process to join")
 
     @property
     def weight_decay_value(self) -> float:
         if self.weight_decay is not None:
             return self.weight_decay
         return 1e-4 if self.optimizer == "adamw" else 0.0
+
+    @property
+    def multi_process(self) -> bool:
+        return self.distributed or self.coordinator is not None
 
     def model_options(self) -> dict[str, Any]:
         if self.model == "mlp":
@@ -104,6 +124,20 @@ class Config:
             raise ConfigError(f"--synthetic-shape must be HxWxC, got {self.synthetic_shape}")
         if self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.devices is not None and self.devices <= 0:
+            raise ConfigError(f"--devices must be a positive integer, got {self.devices}")
+        if self.devices not in (None, 1) and self.strategy == "none":
+            raise ConfigError(f"--devices {self.devices} needs a data-parallel --strategy: add --strategy "
+                              f"shard_map (or pmap, auto)")
+        manual = (self.coordinator, self.num_processes, self.process_id)
+        if any(v is not None for v in manual) and any(v is None for v in manual):
+            raise ConfigError("--coordinator, --num-processes and --process-id go together: give all three")
+        if self.num_processes is not None and not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(f"--process-id must be in 0..{self.num_processes - 1}, got {self.process_id}")
+        if self.coordinator is not None and ":" not in self.coordinator:
+            raise ConfigError(f"--coordinator must be HOST:PORT, got {self.coordinator!r}")
+        if self.init_timeout <= 0:
+            raise ConfigError(f"--init-timeout must be a positive number of seconds, got {self.init_timeout}")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         return self

@@ -194,12 +194,16 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def epoch_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: int
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield dicts {"image": x[idx], "label": y[idx]} for one epoch.
 
     The order is a deterministic permutation from np.random.default_rng([seed, epoch]); the
     last partial batch is dropped so every batch has the same shape.
+
+    ``shard=(i, n)`` yields only the i-th of n equal slices of every global batch: what process
+    i of n loads in a multi-process run (``batch_size`` is the global batch, divisible by n).
 
     Raises ``DataError`` (eagerly, before the first batch) when ``x`` and ``y``
     differ in length or when ``batch_size`` exceeds the number of samples, since
@@ -212,13 +216,16 @@ def epoch_batches(
         raise DataError(
             f"batch size {batch_size} is larger than the {len(x)} samples; use a smaller batch size"
         )
+    index, count = shard
+    if batch_size % count or not 0 <= index < count:
+        raise DataError(f"epoch_batches: cannot take slice {index} of {count} of a batch of {batch_size}")
     perm = np.random.default_rng([seed, epoch]).permutation(len(x))
-    return _batches(x, y, perm, batch_size, steps)
+    return _batches(x, y, perm, batch_size, steps, index, batch_size // count)
 
 
-def _batches(x, y, perm, batch_size, steps):
+def _batches(x, y, perm, batch_size, steps, index, rows):
     for step in range(steps):
-        idx = perm[step * batch_size : (step + 1) * batch_size]
+        idx = perm[step * batch_size : (step + 1) * batch_size][index * rows : (index + 1) * rows]
         yield {"image": x[idx], "label": y[idx]}
 
 

@@ -88,37 +88,65 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def make_train_step(
-    apply_fn: ApplyFn, tx: optax.GradientTransformation
+    apply_fn: ApplyFn,
+    tx: optax.GradientTransformation,
+    *,
+    reduce: Callable[[Any], Any] | None = None,
+    compute_dtype: jnp.dtype | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """``train_step(state, batch) -> (state, {"loss", "accuracy"})``: one pure optimizer step.
 
+    Args:
+      apply_fn: ``logits = apply_fn(params, images)``.
+      tx: the optax optimizer.
+      reduce: applied to the gradients and the metrics before the update; data-parallel
+        wrappers pass a cross-device mean here (``graphduo.parallel``). ``None`` on one device.
+      compute_dtype: run the forward and backward pass in this dtype (``jnp.bfloat16``) while
+        parameters, gradients and optimizer state stay float32 (mixed precision, as PyTorch AMP).
+
     The metrics describe the parameters *before* the update (the loss the gradient came from).
     """
+    forward = _in_dtype(apply_fn, compute_dtype)
 
     def loss_fn(params, batch):
-        logits = apply_fn(params, batch["image"])
+        logits = forward(params, batch["image"])
         return cross_entropy(logits, batch["label"]), logits
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+        if reduce is not None:
+            grads, metrics = reduce((grads, metrics))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        new_state = TrainState(state.step + 1, params, opt_state, state.rng)
-        return new_state, {"loss": loss, "accuracy": accuracy}
+        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return train_step
 
 
-def make_eval_step(apply_fn: ApplyFn) -> Callable[[Any, Batch], Metrics]:
+def _in_dtype(apply_fn: ApplyFn, dtype) -> ApplyFn:
+    """``apply_fn`` computing in ``dtype`` on float32 parameters, returning float32 logits."""
+    if dtype is None or jnp.dtype(dtype) == jnp.float32:
+        return apply_fn
+
+    def apply(params, x):
+        low = jax.tree.map(lambda p: p.astype(dtype), params)
+        return apply_fn(low, x.astype(dtype)).astype(jnp.float32)
+
+    return apply
+
+
+def make_eval_step(apply_fn: ApplyFn, *, compute_dtype: jnp.dtype | None = None) -> Callable[[Any, Batch], Metrics]:
     """``eval_step(params, batch) -> {"loss_sum", "correct", "count"}``: sums, so batches add up.
 
     ``batch["mask"]`` (1 for real examples, 0 for padding) lets the last batch be padded to the
     same shape as the others, so a traced evaluation compiles once.
     """
 
+    forward = _in_dtype(apply_fn, compute_dtype)
+
     def eval_step(params, batch: Batch) -> Metrics:
-        logits = apply_fn(params, batch["image"])
+        logits = forward(params, batch["image"])
         mask = batch["mask"]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         hits = jnp.argmax(logits, -1) == batch["label"]

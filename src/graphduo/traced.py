@@ -50,7 +50,7 @@ class Stages:
 
     @property
     def jaxpr(self):
-        return self.traced.jaxpr
+        return getattr(self.traced, "jaxpr", None)
 
     def cost_analysis(self) -> dict[str, float]:
         """XLA's estimate for one call: ``flops``, ``transcendentals``, ``bytes accessed``."""
@@ -86,10 +86,13 @@ class TracedStep:
     mode = MODE
 
     def __init__(self, fn: Callable[..., Any], *, donate_argnums: int | tuple[int, ...] = (),
-                 on_recompile: Callable[[CompileRecord], None] | None = None):
+                 on_recompile: Callable[[CompileRecord], None] | None = None,
+                 transform: Callable[..., Any] | None = None, **jit_options):
         self.fn = fn
         self.name = getattr(fn, "__name__", "step")
-        self.jitted = jax.jit(fn, donate_argnums=donate_argnums)
+        # ``transform`` replaces jax.jit (graphduo.parallel passes jax.pmap); ``jit_options`` are
+        # jax.jit's own (in_shardings, out_shardings for the sharded strategies).
+        self.jitted = (transform or jax.jit)(fn, donate_argnums=donate_argnums, **jit_options)
         self.compiles: list[CompileRecord] = []
         self._executables: dict[tuple, Any] = {}
         self._stages: dict[tuple, Stages] = {}
@@ -109,7 +112,8 @@ class TracedStep:
             return self._stages[sig]
         t0 = time.perf_counter()
         try:
-            traced = self.jitted.trace(*args)
+            # jax.pmap has no separate trace stage: its lower() traces too, and trace_s is ~0.
+            traced = self.jitted.trace(*args) if hasattr(self.jitted, "trace") else None
         except jax.errors.ConcretizationTypeError as err:
             first_line = str(err).strip().splitlines()[0]
             raise TracingError(
@@ -118,7 +122,7 @@ class TracedStep:
                 f"with --mode eager ({first_line})"
             ) from err
         t1 = time.perf_counter()
-        lowered = traced.lower()
+        lowered = traced.lower() if traced is not None else self.jitted.lower(*args)
         t2 = time.perf_counter()
         compiled = lowered.compile()
         t3 = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -20,11 +21,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from graphduo import eager, traced
+from graphduo import parallel, traced
 from graphduo.config import DEFAULT_EPOCHS, Config, ConfigError
 from graphduo.data import Dataset, epoch_batches, load_dataset, steps_per_epoch
 from graphduo.models import Model, build_model, count_params
-from graphduo.step import TrainState, create_train_state, make_eval_step, make_optimizer, make_train_step
+from graphduo.step import create_train_state, make_optimizer
 
 
 class TrainingDiverged(RuntimeError):
@@ -32,18 +33,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def wrap_steps(mode: str, model: Model, tx) -> tuple[Any, Any]:
-    """The one place each paradigm wraps the shared pure steps.
-
-    eager: called as they are, op by op. traced: compiled by ``jax.jit`` with the train state's
-    buffers donated (updated in place).
-    """
-    train_step = make_train_step(model.apply, tx)
-    eval_step = make_eval_step(model.apply)
-    if mode == eager.MODE:
-        return eager.EagerStep(train_step), eager.EagerStep(eval_step)
-    if mode == traced.MODE:
-        return traced.TracedStep(train_step, donate_argnums=0), traced.TracedStep(eval_step)
-    raise ConfigError(f"unknown mode {mode!r}: choose one of eager, traced")
+    """The single-device train and eval steps of ``mode``, as ``graphduo.parallel.plan`` wraps them."""
+    p = parallel.plan(mode, model, tx)
+    return p.train_step, p.eval_step
 
 
 @dataclasses.dataclass
@@ -56,6 +48,7 @@ class Run:
     tx: Any
     total_steps: int
     steps_per_epoch: int
+    plan: parallel.Plan
 
     @property
     def epochs(self) -> int:
@@ -78,24 +71,41 @@ def prepare(config: Config) -> Run:
     tx = make_optimizer(config.optimizer, config.lr, momentum=config.momentum,
                         weight_decay=config.weight_decay_value, schedule=config.schedule,
                         warmup_steps=config.warmup_steps, total_steps=total)
-    return Run(config, dataset, model, tx, total, per_epoch)
+    try:
+        plan = parallel.plan(config.mode, model, tx, strategy=config.strategy, devices=config.devices,
+                             precision=config.precision)
+        parallel.check_batch_size(config.batch_size, plan.num_devices)
+    except parallel.ParallelError as err:
+        raise ConfigError(str(err)) from None
+    return Run(config, dataset, model, tx, total, per_epoch, plan)
 
 
 def device_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: int,
-                   prefetch: int = 2) -> Iterator[dict[str, jax.Array]]:
-    """One epoch of shuffled batches, each put on the device ``prefetch`` batches ahead of use."""
+                   put=jax.device_put, prefetch: int = 2) -> Iterator[Any]:
+    """One epoch of shuffled batches, each placed by ``put`` ``prefetch`` batches ahead of use.
+
+    With several processes each loads only its own slice of every global batch.
+    """
     queue: deque = deque()
-    for batch in epoch_batches(x, y, batch_size, seed=seed, epoch=epoch):
-        queue.append(jax.device_put(batch))
+    shard = (jax.process_index(), jax.process_count())
+    for batch in epoch_batches(x, y, batch_size, seed=seed, epoch=epoch, shard=shard):
+        queue.append(put(batch))
         if len(queue) > prefetch:
             yield queue.popleft()
     yield from queue
 
 
-def evaluate(eval_step, params, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> dict[str, float]:
-    """Loss and accuracy over the whole of ``x, y``; the last batch is padded, not dropped."""
+def evaluate(eval_step, params, x: np.ndarray, y: np.ndarray, batch_size: int = 512, *,
+             put=jax.device_put, multiple: int = 1) -> dict[str, float]:
+    """Loss and accuracy over the whole of ``x, y``; the last batch is padded, not dropped.
+
+    ``batch_size`` is rounded up to a ``multiple`` of the device count; with several processes,
+    each contributes only its slice of every evaluation batch.
+    """
     n = len(y)
-    batch_size = min(batch_size, n)
+    batch_size = -(-min(batch_size, n) // multiple) * multiple
+    index, count = jax.process_index(), jax.process_count()
+    rows = batch_size // count
     totals = None
     for start in range(0, n, batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
@@ -105,7 +115,8 @@ def evaluate(eval_step, params, x: np.ndarray, y: np.ndarray, batch_size: int = 
             mask[len(yb):] = 0.0
             xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
-        sums = eval_step(params, {"image": xb, "label": yb, "mask": mask})
+        local = slice(index * rows, (index + 1) * rows)
+        sums = eval_step(params, put({"image": xb[local], "label": yb[local], "mask": mask[local]}))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = jax.device_get(totals)
     return {"loss": float(totals["loss_sum"] / totals["count"]),
@@ -141,17 +152,22 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
     non-finite loss.
     """
     run = prepare(config)
-    ds = run.dataset
-    train_step, eval_step = wrap_steps(config.mode, run.model, run.tx)
+    ds, plan = run.dataset, run.plan
+    train_step, eval_step = plan.train_step, plan.eval_step
     state = create_train_state(run.model, run.tx, jax.random.key(config.seed))
     n_params = count_params(state.params)
+    state = plan.put_state(state)
+    put = plan.put_batch
+    lead = jax.process_index() == 0  # only process 0 reports and writes
 
     run_dir = pathlib.Path(config.run_dir) if config.run_dir else default_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    writer = MetricsWriter(run_dir / "metrics.jsonl")
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    writer = MetricsWriter(run_dir / "metrics.jsonl") if lead else None
 
-    bar = _progress_bar(run.total_steps, f"{config.model}/{config.mode}", progress)
+    label = config.mode if plan.mesh is None else f"{config.mode}/{config.strategy}x{plan.num_devices}"
+    bar = _progress_bar(run.total_steps, f"{config.model}/{label}", progress and lead)
     first_step_s = 0.0
     train_time_s = 0.0  # steady-state steps only: excludes step 1 and evaluation
     last = {"loss": float("nan"), "accuracy": float("nan")}
@@ -161,14 +177,15 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
 
     def consume(step_no: int, metrics) -> None:
         nonlocal last
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        # np.ravel: pmap returns one (identical, averaged) value per device.
+        values = {k: float(np.ravel(v)[0]) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(values["loss"]):
             raise TrainingDiverged(
                 f"loss became {values['loss']} at step {step_no}: lower --lr (now {config.lr:g}), "
                 f"add --schedule warmup-cosine --warmup-steps 100, or check the inputs for NaN/Inf")
         last = values
         window.add(values)
-        if step_no % log_every == 0 or step_no == run.total_steps:
+        if writer is not None and (step_no % log_every == 0 or step_no == run.total_steps):
             writer.write({"kind": "train", "step": step_no, **window.mean(), "time_s": time.time()})
         if bar is not None:
             bar.update(1)
@@ -179,7 +196,7 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
             pending = None
             t_epoch = time.perf_counter()
             for batch in device_batches(ds.x_train, ds.y_train, config.batch_size,
-                                        seed=config.seed, epoch=epoch):
+                                        seed=config.seed, epoch=epoch, put=put):
                 if step >= run.total_steps:
                     break
                 if step == 0:
@@ -199,16 +216,19 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
                 consume(*pending)
             jax.block_until_ready(state)
             train_time_s += time.perf_counter() - t_epoch
-            result = evaluate(eval_step, state.params, ds.x_test, ds.y_test)
+            result = evaluate(eval_step, plan.eval_params(state.params), ds.x_test, ds.y_test,
+                              put=put, multiple=plan.num_devices)
             record = {"kind": "eval", "epoch": epoch + 1, "step": step,
                       "test_loss": result["loss"], "test_accuracy": result["accuracy"]}
-            writer.write(record)
+            if writer is not None:
+                writer.write(record)
             evals.append(record)
             if bar is not None:
                 bar.write(f"epoch {epoch + 1}/{run.epochs}  step {step}  test loss {result['loss']:.4f}  "
                           f"test accuracy {result['accuracy']:.2%}", file=sys.stderr)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         if bar is not None:
             bar.close()
 
@@ -219,6 +239,11 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
         "mode": config.mode,
         "dataset": config.dataset,
         "optimizer": config.optimizer,
+        "strategy": config.strategy,
+        "devices": plan.num_devices,
+        "processes": jax.process_count(),
+        "process_index": jax.process_index(),
+        "precision": config.precision,
         "batch_size": config.batch_size,
         "steps": step,
         "epochs": len(evals),
@@ -236,8 +261,30 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
         "eval_compiles": len(eval_step.compiles),
         "run_dir": str(run_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if config.params_out:
+        save_params(plan.host_params(state), config.params_out, write=lead)
+    if lead:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def save_params(params, path: str | os.PathLike, *, write: bool = True) -> None:
+    """Save a parameter tree to ``path`` (.npz, keys like ``Dense_0/kernel``), atomically."""
+    flat = {"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(v)
+            for keys, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if not write:
+        return
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **flat)
+    os.replace(tmp, path)
+
+
+def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The flat ``{"Dense_0/kernel": array, ...}`` mapping written by ``save_params``."""
+    with np.load(path) as data:
+        return dict(data)
 
 
 class _Window:

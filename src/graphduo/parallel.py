@@ -1,0 +1,191 @@
+"""Data parallelism: the same pure step, wrapped once per strategy, over one axis of devices.
+
+Strategies (``STRATEGIES``):
+
+* ``shard_map``: ``jax.shard_map`` over the mesh; each device runs the step on its slice of the
+  batch and the gradients are averaged with an explicit ``lax.pmean`` written here.
+* ``pmap``: ``jax.pmap`` (in maintenance mode upstream, kept for comparison), the same explicit
+  ``pmean``; one process only.
+* ``auto``: ``jax.jit`` with ``NamedSharding``: parameters replicated, the batch split along
+  ``DATA_AXIS``; XLA's partitioner inserts the all-reduce itself.
+
+Why ``check_vma=False`` with an explicit ``pmean`` for shard_map: with ``check_vma=True``, the
+gradient of a replicated parameter is *already* summed over the axis, and the classic
+``pmean(grad)`` then gives N times the true gradient. Tests compare every strategy with the
+single-device gradient on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from graphduo import eager, traced
+from graphduo.models import Model
+from graphduo.step import make_eval_step, make_train_step
+
+DATA_AXIS = "data"
+STRATEGIES = ("none", "shard_map", "pmap", "auto")
+PRECISIONS = {"fp32": None, "bf16": jnp.bfloat16}
+
+
+class ParallelError(ValueError):
+    """A data-parallel setting cannot work here. ``str(err)`` is one line with the fix."""
+
+
+def data_mesh(num_devices: int | None = None) -> Mesh:
+    """A one-axis mesh (``DATA_AXIS``) over ``num_devices`` devices (default: all of them).
+
+    With several processes the mesh spans every process's devices, in process order.
+    """
+    devices = jax.devices()
+    if jax.process_count() > 1:
+        local = jax.local_device_count()
+        if num_devices not in (None, local):
+            raise ParallelError(f"--devices {num_devices}: this process has {local} device(s); with several "
+                                f"processes, --devices is the count per process")
+        return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+    n = len(devices) if num_devices is None else num_devices
+    if n < 1 or n > len(devices):
+        raise ParallelError(f"--devices {n}: only {len(devices)} {jax.default_backend()} device(s) exist; "
+                            f"use --devices {len(devices)} or fewer")
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:n])
+
+
+def mean_over_devices(tree: Any) -> Any:
+    """The gradient collective of the explicit strategies: an all-reduce mean over ``DATA_AXIS``."""
+    return jax.lax.pmean(tree, DATA_AXIS)
+
+
+@dataclasses.dataclass
+class Plan:
+    """How one run places its state and batches and which wrapped steps it calls.
+
+    ``train_step(state, batch)`` and ``eval_step(params, batch)`` take what ``put_state`` and
+    ``put_batch`` return; ``host_params`` brings parameters back as one NumPy tree.
+    """
+
+    strategy: str
+    mesh: Mesh | None
+    train_step: Any
+    eval_step: Any
+    put_state: Callable[[Any], Any]
+    put_batch: Callable[[dict[str, np.ndarray]], Any]
+    eval_params: Callable[[Any], Any]
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    def host_params(self, state) -> Any:
+        """Parameters as NumPy arrays on the host (one replica)."""
+        return jax.tree.map(np.asarray, jax.device_get(self.eval_params(state.params)))
+
+
+def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | None = None,
+         precision: str = "fp32") -> Plan:
+    """Wrap the shared pure steps for ``mode`` (eager/traced) and ``strategy`` in exactly one place."""
+    if strategy not in STRATEGIES:
+        raise ParallelError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if precision not in PRECISIONS:
+        raise ParallelError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if mode not in (eager.MODE, traced.MODE):
+        raise ParallelError(f"unknown mode {mode!r}: choose one of eager, traced")
+    dtype = PRECISIONS[precision]
+    wrap = traced.TracedStep if mode == traced.MODE else eager.EagerStep
+    eval_fn = make_eval_step(model.apply, compute_dtype=dtype)
+
+    if strategy == "none":
+        if devices not in (None, 1) or jax.process_count() > 1:
+            raise ParallelError("several devices or processes need a data-parallel strategy: add "
+                                "--strategy shard_map (or pmap, auto)")
+        train_fn = make_train_step(model.apply, tx, compute_dtype=dtype)
+        if mode == traced.MODE:
+            return Plan(strategy, None, wrap(train_fn, donate_argnums=0), wrap(eval_fn),
+                        _identity, jax.device_put, _identity)
+        return Plan(strategy, None, wrap(train_fn), wrap(eval_fn), _identity, jax.device_put, _identity)
+
+    if mode == eager.MODE and strategy != "shard_map":
+        raise ParallelError(f"eager mode runs data-parallel only with --strategy shard_map, not {strategy}")
+    mesh = data_mesh(devices)
+    replicated = NamedSharding(mesh, P())
+    split = NamedSharding(mesh, P(DATA_AXIS))
+    put_replicated = functools.partial(_put_global, sharding=replicated)
+    put_split = functools.partial(_put_batch, sharding=split)
+    if mode == traced.MODE:
+        eval_step = traced.TracedStep(eval_fn, in_shardings=(replicated, split), out_shardings=replicated)
+    else:
+        eval_step = eager.EagerStep(eval_fn)
+
+    if strategy == "shard_map":
+        train_fn = make_train_step(model.apply, tx, reduce=mean_over_devices, compute_dtype=dtype)
+        sharded = jax.shard_map(train_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                                out_specs=(P(), P()), check_vma=False)
+        train_step = wrap(sharded, donate_argnums=0) if mode == traced.MODE else wrap(sharded)
+        return Plan(strategy, mesh, train_step, eval_step, put_replicated, put_split, _identity)
+
+    if strategy == "auto":
+        train_fn = make_train_step(model.apply, tx, compute_dtype=dtype)
+        train_step = traced.TracedStep(train_fn, donate_argnums=0, in_shardings=(replicated, split),
+                                       out_shardings=(replicated, replicated))
+        return Plan(strategy, mesh, train_step, eval_step, put_replicated, put_split, _identity)
+
+    # pmap: one replica of the state per device along a new leading axis.
+    if jax.process_count() > 1:
+        raise ParallelError("--strategy pmap runs within one process here: use shard_map or auto "
+                            "across processes")
+    n = mesh.size
+    train_fn = make_train_step(model.apply, tx, reduce=mean_over_devices, compute_dtype=dtype)
+    pmap = functools.partial(jax.pmap, axis_name=DATA_AXIS, devices=list(mesh.devices.flat))
+    train_step = traced.TracedStep(train_fn, donate_argnums=0, transform=pmap)
+
+    def put_stacked(state):
+        return jax.tree.map(lambda x: jax.device_put(jnp.broadcast_to(x, (n, *x.shape)), split), state)
+
+    def put_per_device(batch):
+        return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), split) for k, v in batch.items()}
+
+    return Plan(strategy, mesh, train_step, eval_step, put_stacked, put_per_device,
+                lambda params: jax.tree.map(lambda x: x[0], params))
+
+
+def check_batch_size(batch_size: int, num_devices: int, what: str = "--batch-size") -> None:
+    if batch_size % num_devices:
+        up = -(-batch_size // num_devices) * num_devices
+        raise ParallelError(f"{what} {batch_size} is not divisible by {num_devices} devices: "
+                            f"use a multiple of {num_devices}, such as {up}")
+
+
+def _identity(x):
+    return x
+
+
+def _put_global(tree, *, sharding: NamedSharding):
+    """Place a tree that every process holds whole (the state) as global arrays."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys: move their raw bits
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(put, tree)
+
+
+def _put_batch(batch: dict[str, np.ndarray], *, sharding: NamedSharding):
+    """Place a batch split along its first axis. With several processes, ``batch`` holds only this
+    process's rows (``epoch_batches(..., shard=...)``) and the global array is assembled from them."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    n = jax.process_count()
+    return {key: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:]))
+            for key, v in batch.items()}
