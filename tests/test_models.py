@@ -132,3 +132,16 @@ def test_cnn_gradient_against_float64_finite_differences():
                        for e in basis])
         g = np.asarray(jax.flatten_util.ravel_pytree(grads)[0])
     np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_cross_entropy_matches_optax():
+    """graphduo's lean cross-entropy against optax's reference implementation."""
+    import optax
+
+    logits = jax.random.normal(jax.random.key(0), (16, 10)) * 5
+    labels = jnp.arange(16) % 10
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    np.testing.assert_allclose(cross_entropy(logits, labels), want, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(cross_entropy)(logits, labels),
+                               jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels).mean())(logits),
+                               rtol=1e-5, atol=1e-7)

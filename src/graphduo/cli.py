@@ -168,6 +168,8 @@ def setup_runtime(config: Config) -> None:
     """
     import jax
 
+    if config.debug_nans:
+        jax.config.update("jax_debug_nans", True)
     if config.devices is not None:
         try:
             jax.config.update("jax_num_cpu_devices", config.devices)
@@ -200,12 +202,19 @@ def setup_runtime(config: Config) -> None:
 
 
 def _train(config: Config, args) -> int:
-    from graphduo.train import TrainingDiverged, train_and_evaluate
+    from graphduo.checkpoint import CheckpointError
+    from graphduo.train import Preempted, TrainingDiverged, train_and_evaluate
 
     try:
         summary = train_and_evaluate(config, progress=not args.quiet)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, CheckpointError) as err:
         print(f"graphduo train: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except Preempted as stop:
+        print(f"graphduo train: {stop}", file=sys.stderr)
+        return 128 + stop.signum
+    except FloatingPointError as err:  # --debug-nans: JAX names the primitive that made the NaN
+        print(f"graphduo train: error: {_first_line(err)} (found by --debug-nans)", file=sys.stderr)
         return EXIT_FAILED
     if summary["process_index"] != 0:
         return 0  # only process 0 reports
@@ -217,6 +226,11 @@ def _train(config: Config, args) -> int:
               f"{summary['step_time_ms']:.3f} ms/step ({summary['samples_per_s']:,.0f} samples/s), "
               f"compile {summary['compile_time_s']:.2f} s; metrics in {summary['run_dir']}")
     return 0
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _compare(config: Config, args) -> int:

@@ -67,6 +67,11 @@ class Config:
     synthetic_size: int = _field(2048, "training examples of --dataset synthetic")
     run_dir: str | None = _field(None, "where metrics go (default runs/<time>-<model>-<mode>-<dataset>)")
     params_out: str | None = _field(None, "save the final parameters to this .npz file")
+    checkpoint_every: int | None = _field(None, "save a checkpoint (orbax, asynchronous, atomic) every K steps "
+                                          "into <run-dir>/checkpoints; rerunning the same command resumes",
+                                          metavar="K")
+    keep: int = _field(3, "number of newest checkpoints to keep")
+    debug_nans: bool = _field(False, "check every operation for NaN (slow) and name the first that makes one")
     strategy: str = _field("none", "data parallelism: shard_map and pmap average gradients with an explicit "
                            "pmean, auto lets XLA insert the all-reduce (jit + NamedSharding)",
                            choices=STRATEGIES)
@@ -124,6 +129,10 @@ class Config:
             raise ConfigError(f"--synthetic-shape must be HxWxC, got {self.synthetic_shape}")
         if self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ConfigError(f"--checkpoint-every must be a positive integer, got {self.checkpoint_every}")
+        if self.keep <= 0:
+            raise ConfigError(f"--keep must be a positive integer, got {self.keep}")
         if self.devices is not None and self.devices <= 0:
             raise ConfigError(f"--devices must be a positive integer, got {self.devices}")
         if self.devices not in (None, 1) and self.strategy == "none":

@@ -52,20 +52,38 @@ def launch(args, parser) -> int:
     parser.parse_args(argv(0))  # a usage error is reported once, here, not by every process
     env = {**os.environ}
     env.setdefault("JAX_PLATFORMS", "cpu")
-    procs = [subprocess.Popen([sys.executable, "-m", "graphduo", *argv(i)], env=env)
+    # Own sessions: a terminal's Ctrl-C reaches the launcher alone, which forwards it exactly once.
+    procs = [subprocess.Popen([sys.executable, "-m", "graphduo", *argv(i)], env=env, start_new_session=True)
              for i in range(args.processes)]
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    forwarded: list[int] = []
+
+    def forward(signum, frame):
+        # A preemption (SIGTERM) or Ctrl-C reaches every process, which checkpoint and stop together.
+        forwarded.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _wait(procs, deadline)
-    except KeyboardInterrupt:
-        _stop(procs, signal.SIGINT)
-        print("graphduo launch: interrupted", file=sys.stderr)
-        return 130
+        return _wait(procs, deadline, forwarded)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _wait(procs: list[subprocess.Popen], deadline: float | None) -> int:
+def _wait(procs: list[subprocess.Popen], deadline: float | None, forwarded: list[int]) -> int:
     while True:
         codes = [p.poll() for p in procs]
+        if forwarded:  # stopping on request: let every process finish its checkpoint
+            if all(c is not None for c in codes):
+                sig = forwarded[0]
+                print(f"graphduo launch: stopped by {signal.Signals(sig).name}; exit statuses "
+                      f"{', '.join(map(str, codes))}", file=sys.stderr)
+                return 128 + sig
+            time.sleep(0.1)
+            continue
         failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:
             i, code = failed[0]

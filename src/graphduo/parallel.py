@@ -70,7 +70,9 @@ class Plan:
     """How one run places its state and batches and which wrapped steps it calls.
 
     ``train_step(state, batch)`` and ``eval_step(params, batch)`` take what ``put_state`` and
-    ``put_batch`` return; ``host_params`` brings parameters back as one NumPy tree.
+    ``put_batch`` return; ``host_params`` brings parameters back as one NumPy tree. Under
+    ``pmap`` the state and the step's metrics carry a leading device axis (the metrics are
+    already averaged: every entry is the same).
     """
 
     strategy: str
@@ -151,6 +153,7 @@ def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | 
         return jax.tree.map(lambda x: jax.device_put(jnp.broadcast_to(x, (n, *x.shape)), split), state)
 
     def put_per_device(batch):
+        check_batch_size(len(batch["label"]), n, what="a batch of")
         return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), split) for k, v in batch.items()}
 
     return Plan(strategy, mesh, train_step, eval_step, put_stacked, put_per_device,
@@ -184,6 +187,7 @@ def _put_global(tree, *, sharding: NamedSharding):
 def _put_batch(batch: dict[str, np.ndarray], *, sharding: NamedSharding):
     """Place a batch split along its first axis. With several processes, ``batch`` holds only this
     process's rows (``epoch_batches(..., shard=...)``) and the global array is assembled from them."""
+    check_batch_size(len(batch["label"]), sharding.mesh.size // jax.process_count(), what="a batch of")
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     n = jax.process_count()

@@ -99,6 +99,8 @@ class TracedStep:
         self._on_recompile = on_recompile or self._warn_recompile
 
     def __call__(self, *args):
+        if jax.config.jax_debug_nans:  # jit's own path re-runs op by op to name the op that made a NaN
+            return self.jitted(*args)
         sig = signature(args)
         executable = self._executables.get(sig)
         if executable is None:

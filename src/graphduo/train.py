@@ -8,11 +8,14 @@ dispatched (at most two steps in flight, no per-step stall).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ import jax
 import numpy as np
 
 from graphduo import parallel, traced
+from graphduo.checkpoint import Checkpointer
 from graphduo.config import DEFAULT_EPOCHS, Config, ConfigError
 from graphduo.data import Dataset, epoch_batches, load_dataset, steps_per_epoch
 from graphduo.models import Model, build_model, count_params
@@ -81,14 +85,16 @@ def prepare(config: Config) -> Run:
 
 
 def device_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: int,
-                   put=jax.device_put, prefetch: int = 2) -> Iterator[Any]:
+                   put=jax.device_put, prefetch: int = 2, skip: int = 0) -> Iterator[Any]:
     """One epoch of shuffled batches, each placed by ``put`` ``prefetch`` batches ahead of use.
 
-    With several processes each loads only its own slice of every global batch.
+    With several processes each loads only its own slice of every global batch. ``skip`` drops
+    the epoch's first batches (a resumed run continues mid-epoch where it stopped).
     """
     queue: deque = deque()
     shard = (jax.process_index(), jax.process_count())
-    for batch in epoch_batches(x, y, batch_size, seed=seed, epoch=epoch, shard=shard):
+    stream = epoch_batches(x, y, batch_size, seed=seed, epoch=epoch, shard=shard)
+    for batch in itertools.islice(stream, skip, None):
         queue.append(put(batch))
         if len(queue) > prefetch:
             yield queue.popleft()
@@ -129,10 +135,28 @@ def default_run_dir(config: Config) -> pathlib.Path:
 
 
 class MetricsWriter:
-    """Metrics as JSON lines, one object per line, flushed as written."""
+    """Metrics as JSON lines, one object per line, flushed as written.
 
-    def __init__(self, path: pathlib.Path):
+    ``keep_until``: a resumed run first drops the records of steps after its checkpoint (they
+    will be written again) and any torn last line left by a crash, then appends.
+    """
+
+    def __init__(self, path: pathlib.Path, *, keep_until: int = 0):
         self.path = path
+        if keep_until and path.exists():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("step", 0) <= keep_until:
+                    kept.append(line + "\n")
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
+        elif path.exists() and not keep_until:
+            path.unlink()  # a fresh start in an old run directory: its metrics are not ours
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -143,37 +167,93 @@ class MetricsWriter:
         self._file.close()
 
 
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; ``signum`` says which."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+# Settings a run directory must share with the command that resumes it: they decide the shapes
+# of the state or the arithmetic of every step. The others (how long, where, how often to save,
+# how many processes) may change between a run and its resumption.
+RESUME_MUST_MATCH = ("model", "dataset", "mlp_features", "cnn_channels", "cnn_dense", "synthetic_shape",
+                     "synthetic_size", "batch_size", "optimizer", "lr", "schedule", "warmup_steps",
+                     "momentum", "weight_decay", "seed", "precision")
+
+
+def check_resumable(run_dir: pathlib.Path, config: Config) -> bool:
+    """Whether ``run_dir`` holds an earlier run of ``config``; ``ConfigError`` if it is another run's."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return False
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{saved_path} is unreadable ({err}): use another --run-dir") from None
+    current = config.to_dict()
+    for name in RESUME_MUST_MATCH:
+        old, new = saved.get(name), current[name]
+        if isinstance(new, tuple):
+            old = tuple(old) if isinstance(old, list) else old
+        if old != new:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{run_dir} holds a run with {flag} {_show(old)}, not {_show(new)}: use another "
+                              f"--run-dir, or the same {flag} to resume it")
+    return True
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int = 50) -> dict[str, Any]:
     """Train ``config`` end to end, evaluate on the test split every epoch, return a summary.
 
     Metrics go to ``<run_dir>/metrics.jsonl``: a ``train`` record every ``log_every`` steps and
-    an ``eval`` record every epoch; the summary also goes to ``<run_dir>/summary.json``.
-    Raises ``ConfigError``/``DataError`` before writing anything, ``TrainingDiverged`` on a
-    non-finite loss.
+    an ``eval`` record every epoch; the summary also goes to ``<run_dir>/summary.json``. With
+    ``checkpoint_every``, checkpoints go to ``<run_dir>/checkpoints``, and a run directory that
+    has them is resumed from the newest complete one. SIGTERM/SIGINT save a checkpoint at the next
+    step boundary and raise ``Preempted``. Raises ``ConfigError``/``DataError`` before writing
+    anything, ``TrainingDiverged`` on a non-finite loss.
     """
     run = prepare(config)
     ds, plan = run.dataset, run.plan
     train_step, eval_step = plan.train_step, plan.eval_step
+    lead = jax.process_index() == 0  # only process 0 reports and writes
+    run_dir = pathlib.Path(config.run_dir) if config.run_dir else default_run_dir(config)
+    resuming = check_resumable(run_dir, config)
     state = create_train_state(run.model, run.tx, jax.random.key(config.seed))
     n_params = count_params(state.params)
     state = plan.put_state(state)
     put = plan.put_batch
-    lead = jax.process_index() == 0  # only process 0 reports and writes
 
-    run_dir = pathlib.Path(config.run_dir) if config.run_dir else default_run_dir(config)
+    ckpt_dir = run_dir / "checkpoints"
+    checkpointer = None
+    if config.checkpoint_every or (resuming and ckpt_dir.is_dir()):
+        checkpointer = Checkpointer(ckpt_dir, keep=config.keep)
+    start = 0
+    if resuming and checkpointer is not None:
+        restored = checkpointer.restore_latest(state)
+        if restored is not None:
+            state, start = restored
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    writer = MetricsWriter(run_dir / "metrics.jsonl") if lead else None
+        if start:
+            print(f"graphduo: resuming {run_dir} from the checkpoint at step {start}", file=sys.stderr)
+    writer = MetricsWriter(run_dir / "metrics.jsonl", keep_until=start) if lead else None
 
     label = config.mode if plan.mesh is None else f"{config.mode}/{config.strategy}x{plan.num_devices}"
-    bar = _progress_bar(run.total_steps, f"{config.model}/{label}", progress and lead)
+    bar = _progress_bar(run.total_steps, f"{config.model}/{label}", progress and lead, initial=start)
     first_step_s = 0.0
-    train_time_s = 0.0  # steady-state steps only: excludes step 1 and evaluation
+    train_time_s = 0.0  # steady-state steps only: excludes this process's first step and evaluation
     last = {"loss": float("nan"), "accuracy": float("nan")}
     evals: list[dict[str, Any]] = []
-    step = 0
+    step = start
     window = _Window()
+    stop = _StopSignal(agree_every=config.checkpoint_every or 10)
 
     def consume(step_no: int, metrics) -> None:
         nonlocal last
@@ -191,48 +271,77 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
             bar.update(1)
             window.show(bar, config.batch_size)
 
+    saved_at = start
+
+    def save(step_no: int) -> None:
+        nonlocal checkpointer, saved_at
+        if checkpointer is None:
+            checkpointer = Checkpointer(ckpt_dir, keep=config.keep)
+        if step_no != saved_at:
+            checkpointer.save(step_no, state)
+            saved_at = step_no
+
     try:
-        for epoch in range(run.epochs):
-            pending = None
-            t_epoch = time.perf_counter()
-            for batch in device_batches(ds.x_train, ds.y_train, config.batch_size,
-                                        seed=config.seed, epoch=epoch, put=put):
-                if step >= run.total_steps:
-                    break
-                if step == 0:
-                    t0 = time.perf_counter()
-                    state, metrics = train_step(state, batch)
-                    jax.block_until_ready(state)
-                    first_step_s = time.perf_counter() - t0
-                    t_epoch = time.perf_counter()
-                    window.restart_clock()
-                else:
-                    state, metrics = train_step(state, batch)
-                step += 1
+        with stop:
+            epoch0, skip = divmod(start, run.steps_per_epoch)
+            for epoch in range(epoch0, run.epochs):
+                pending = None
+                t_epoch = time.perf_counter()
+                batches = device_batches(ds.x_train, ds.y_train, config.batch_size, seed=config.seed,
+                                         epoch=epoch, put=put, skip=skip if epoch == epoch0 else 0)
+                for batch in batches:
+                    if step >= run.total_steps:
+                        break
+                    if step == start:
+                        t0 = time.perf_counter()
+                        state, metrics = train_step(state, batch)
+                        jax.block_until_ready(state)
+                        first_step_s = time.perf_counter() - t0
+                        t_epoch = time.perf_counter()
+                        window.restart_clock()
+                    else:
+                        state, metrics = train_step(state, batch)
+                    step += 1
+                    if pending is not None:
+                        consume(*pending)
+                    pending = (step, metrics)
+                    if config.checkpoint_every and step % config.checkpoint_every == 0:
+                        save(step)
+                    if stop.agreed(step):
+                        consume(*pending)
+                        save(step)
+                        checkpointer.wait()
+                        raise Preempted(f"stopped by {stop.name} at step {step}; checkpoint saved in {ckpt_dir}: "
+                                        f"run the same command to resume", stop.signum)
                 if pending is not None:
                     consume(*pending)
-                pending = (step, metrics)
-            if pending is not None:
-                consume(*pending)
-            jax.block_until_ready(state)
-            train_time_s += time.perf_counter() - t_epoch
-            result = evaluate(eval_step, plan.eval_params(state.params), ds.x_test, ds.y_test,
-                              put=put, multiple=plan.num_devices)
-            record = {"kind": "eval", "epoch": epoch + 1, "step": step,
-                      "test_loss": result["loss"], "test_accuracy": result["accuracy"]}
-            if writer is not None:
-                writer.write(record)
-            evals.append(record)
-            if bar is not None:
-                bar.write(f"epoch {epoch + 1}/{run.epochs}  step {step}  test loss {result['loss']:.4f}  "
-                          f"test accuracy {result['accuracy']:.2%}", file=sys.stderr)
+                jax.block_until_ready(state)
+                train_time_s += time.perf_counter() - t_epoch
+                result = evaluate(eval_step, plan.eval_params(state.params), ds.x_test, ds.y_test,
+                                  put=put, multiple=plan.num_devices)
+                record = {"kind": "eval", "epoch": epoch + 1, "step": step,
+                          "test_loss": result["loss"], "test_accuracy": result["accuracy"]}
+                if writer is not None:
+                    writer.write(record)
+                evals.append(record)
+                if bar is not None:
+                    bar.write(f"epoch {epoch + 1}/{run.epochs}  step {step}  test loss {result['loss']:.4f}  "
+                              f"test accuracy {result['accuracy']:.2%}", file=sys.stderr)
+            if config.checkpoint_every:
+                save(step)
     finally:
+        if checkpointer is not None:
+            checkpointer.close()
         if writer is not None:
             writer.close()
         if bar is not None:
             bar.close()
 
-    steady_steps = max(step - 1, 1)
+    if not evals:  # resumed a finished run: nothing left to train, evaluate once
+        result = evaluate(eval_step, plan.eval_params(state.params), ds.x_test, ds.y_test,
+                          put=put, multiple=plan.num_devices)
+        evals.append({"test_loss": result["loss"], "test_accuracy": result["accuracy"]})
+    steady_steps = max(step - start - 1, 1)
     step_time_ms = train_time_s / steady_steps * 1e3
     summary = {
         "model": config.model,
@@ -246,7 +355,8 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
         "precision": config.precision,
         "batch_size": config.batch_size,
         "steps": step,
-        "epochs": len(evals),
+        "resumed_from": start,
+        "epochs": run.epochs,
         "params": n_params,
         "final_loss": last["loss"],
         "final_accuracy": last["accuracy"],
@@ -266,6 +376,54 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
     if lead:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT handling for the training loop (a context manager).
+
+    The first signal asks the loop to stop at the next step boundary; a second one exits at once.
+    With several processes, they agree every ``agree_every`` steps (a tiny all-gather) so that
+    all stop after the same step: one stopping early would leave the others in a collective.
+    """
+
+    def __init__(self, agree_every: int):
+        self.agree_every = agree_every
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\ngraphduo: got {signal.Signals(signum).name}: saving a checkpoint at the next step boundary "
+              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return bool(self.signum)
+        if step % self.agree_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.signum], np.int32))
+        if not self.signum and flags.max() > 0:
+            self.signum = int(flags.max())
+        return bool(flags.max())
 
 
 def save_params(params, path: str | os.PathLike, *, write: bool = True) -> None:
@@ -317,9 +475,10 @@ class _Window:
         self._shown, self._t, self._count = now, now, 0
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
+def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.2)

@@ -1,0 +1,214 @@
+"""Faults injected into real training processes: kill -9, SIGTERM, damaged checkpoints, wrong run dirs."""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from graphduo.train import load_params
+
+# Per case: the model is small so each process starts and finishes in a few seconds; the runs are
+# long enough (hundreds of steps) that a kill lands mid-run.
+CASES = {
+    "traced": ["--model", "mlp", "--mlp-features", "64", "--steps", "400"],
+    "eager": ["--model", "mlp", "--mlp-features", "16", "--mode", "eager", "--steps", "150"],
+    "shard_map-2dev": ["--model", "mlp", "--mlp-features", "64", "--steps", "400", "--strategy", "shard_map",
+                       "--devices", "2"],
+}
+
+
+def _env():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    return env
+
+
+def _cmd(run_dir, params, extra, every=5):
+    return [sys.executable, "-m", "graphduo", "train", *extra, "--quiet", "--checkpoint-every", str(every),
+            "--run-dir", str(run_dir), "--params-out", str(params)]
+
+
+def _run(cmd, timeout=180):
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    return result
+
+
+def _complete_steps(ckpt_dir: pathlib.Path) -> list[int]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+
+
+def _start_and_wait_for_checkpoint(cmd, ckpt_dir, min_step, timeout=120):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        steps = _complete_steps(ckpt_dir)
+        if steps and steps[-1] >= min_step:
+            return proc
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before step {min_step}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail(f"no checkpoint at step {min_step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Each case trained once without faults: the reference every resumed run must equal exactly."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            d = tmp_path_factory.mktemp(f"ref-{case}")
+            result = _run(_cmd(d / "run", d / "params.npz", CASES[case]))
+            assert result.returncode == 0, result.stderr[-2000:]
+            cache[case] = load_params(d / "params.npz")
+        return cache[case]
+
+    return get
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), f"{key} differs: max {np.max(np.abs(a[key] - b[key]))}"
+
+
+def _train_records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kill_9_at_a_random_step_then_resume_is_bit_identical(case, tmp_path, uninterrupted):
+    kill_after = random.Random(f"kill-{case}").randrange(20, 60, 5)
+    cmd = _cmd(tmp_path / "run", tmp_path / "params.npz", CASES[case])
+    proc = _start_and_wait_for_checkpoint(cmd, tmp_path / "run" / "checkpoints", kill_after)
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "params.npz").exists()
+
+    resumed = _run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr and "from the checkpoint at step" in resumed.stderr
+    _assert_identical(load_params(tmp_path / "params.npz"), uninterrupted(case))
+    steps = [r["step"] for r in _train_records(tmp_path / "run") if r["kind"] == "train"]
+    assert steps == sorted(set(steps)), "metrics duplicated or out of order after resume"
+
+
+def test_kill_9_during_a_checkpoint_write_never_loads_the_partial_one(tmp_path, uninterrupted):
+    """Checkpoint every step so a kill lands inside a write; orbax's temp folder must be ignored."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    cmd = _cmd(tmp_path / "run", tmp_path / "params.npz", CASES["traced"], every=1)
+    saw_partial = False
+    for attempt in range(6):
+        proc = _start_and_wait_for_checkpoint(cmd, ckpt, 30 + 40 * attempt)
+        time.sleep(random.Random(attempt).uniform(0.0, 0.02))
+        proc.kill()
+        proc.wait()
+        partial = [p.name for p in ckpt.iterdir() if not p.name.isdigit()]
+        if any("tmp" in name for name in partial):
+            saw_partial = True
+            break
+    assert saw_partial, "never caught a checkpoint mid-write in 6 kills"
+    complete = _complete_steps(ckpt)
+    resumed = _run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"from the checkpoint at step {complete[-1]}" in resumed.stderr
+    _assert_identical(load_params(tmp_path / "params.npz"), uninterrupted("traced"))
+
+
+def test_sigterm_checkpoints_exits_143_and_resume_continues(tmp_path, uninterrupted):
+    cmd = _cmd(tmp_path / "run", tmp_path / "params.npz", CASES["traced"], every=100)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    # Wait until training is under way (the metrics file gets its first record at step 50).
+    end = time.monotonic() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() or not _train_records(tmp_path / "run"):
+        assert time.monotonic() < end and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert "got SIGTERM: saving a checkpoint at the next step boundary" in err
+    stopped = _complete_steps(tmp_path / "run" / "checkpoints")[-1]
+    assert f"stopped by SIGTERM at step {stopped}; checkpoint saved in" in err
+    resumed = _run(cmd)
+    assert resumed.returncode == 0 and f"at step {stopped}" in resumed.stderr
+    _assert_identical(load_params(tmp_path / "params.npz"), uninterrupted("traced"))
+
+
+def _truncate_largest_file(folder: pathlib.Path) -> pathlib.Path:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    target = max(files, key=lambda p: p.stat().st_size)
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 3])
+    return target
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted):
+    cmd = _cmd(tmp_path / "run", tmp_path / "params.npz", CASES["traced"], every=50)
+    proc = _start_and_wait_for_checkpoint(cmd, tmp_path / "run" / "checkpoints", 150)
+    proc.kill()
+    proc.wait()
+    steps = _complete_steps(tmp_path / "run" / "checkpoints")
+    _truncate_largest_file(tmp_path / "run" / "checkpoints" / str(steps[-1]))
+    resumed = _run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"checkpoint at step {steps[-1]}" in resumed.stderr and "trying the previous one" in resumed.stderr
+    assert f"from the checkpoint at step {steps[-2]}" in resumed.stderr
+    _assert_identical(load_params(tmp_path / "params.npz"), uninterrupted("traced"))
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
+    extra = ["--model", "mlp", "--mlp-features", "16", "--steps", "20"]
+    cmd = _cmd(tmp_path / "run", tmp_path / "params.npz", extra, every=10)
+    assert _run(cmd).returncode == 0
+    for step in _complete_steps(tmp_path / "run" / "checkpoints"):
+        _truncate_largest_file(tmp_path / "run" / "checkpoints" / str(step))
+    result = _run(cmd)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("graphduo train: error: none of the checkpoints in") and "delete that folder" in last
+    assert "Traceback" not in result.stderr
+
+
+def test_a_run_directory_of_another_configuration_is_refused(tmp_path):
+    base = ["--mlp-features", "16", "--steps", "10"]
+    assert _run(_cmd(tmp_path / "run", tmp_path / "p.npz", ["--model", "mlp", *base])).returncode == 0
+    before = (tmp_path / "run" / "config.json").read_text()
+    other = _run(_cmd(tmp_path / "run", tmp_path / "p.npz", ["--model", "cnn", *base]))
+    assert other.returncode == 2
+    assert other.stderr.strip() == (f"graphduo train: error: {tmp_path / 'run'} holds a run with --model mlp, "
+                                    f"not cnn: use another --run-dir, or the same --model to resume it")
+    wider = _run(_cmd(tmp_path / "run", tmp_path / "p.npz", ["--model", "mlp", "--mlp-features", "32", "--steps", "10"]))
+    assert wider.returncode == 2 and "--mlp-features 16, not 32" in wider.stderr
+    assert (tmp_path / "run" / "config.json").read_text() == before
+
+
+def test_multi_process_run_checkpoints_on_sigterm_and_resumes(tmp_path, uninterrupted):
+    common = ["train", "--strategy", "shard_map", "--model", "mlp", "--mlp-features", "64", "--steps", "400",
+              "--quiet", "--checkpoint-every", "20"]
+    launch = [sys.executable, "-m", "graphduo", "launch", "--processes", "2", "--devices-per-process", "1", "--"]
+    one = _run([sys.executable, "-m", "graphduo", *common, "--devices", "2", "--run-dir", str(tmp_path / "one"),
+                "--params-out", str(tmp_path / "one.npz")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    cmd = [*launch, *common, "--run-dir", str(tmp_path / "two"), "--params-out", str(tmp_path / "two.npz")]
+    proc = _start_and_wait_for_checkpoint(cmd, tmp_path / "two" / "checkpoints", 60)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    assert "graphduo launch: stopped by SIGTERM; exit statuses 143, 143" in err
+    resumed = _run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr
+    a, b = load_params(tmp_path / "one.npz"), load_params(tmp_path / "two.npz")
+    for key in a:  # two processes all-reduce through gloo: same values up to summation order
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
