@@ -12,8 +12,14 @@ previous one.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import pathlib
+import sys
+import threading
+import zlib
 from typing import Any
 
 import jax
@@ -48,6 +54,7 @@ class Checkpointer:
 
         self._ocp = ocp
         self.directory = pathlib.Path(directory).absolute()
+        self.manifests = self.directory.with_name(self.directory.name + "-manifests")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -57,8 +64,46 @@ class Checkpointer:
 
     def save(self, step: int, state) -> None:
         """Start saving ``state`` as ``step`` (device-to-host copy now, file writes in the background)."""
+        self._write_manifests()
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(_saveable(state)))
         self.manager.save(step, args=args, force=True)
+
+    # Integrity manifests: the size and CRC-32 of every file of a finished checkpoint, written by
+    # process 0 once orbax has finalized it. A checkpoint whose files no longer match is known to be
+    # damaged before orbax reads it (a failed orbax read leaves error noise from background threads).
+    def _manifest_path(self, step: int) -> pathlib.Path:
+        return self.manifests / f"{step}.json"
+
+    def _write_manifests(self) -> None:
+        if jax.process_index() != 0:
+            return
+        self.manifests.mkdir(parents=True, exist_ok=True)
+        steps = set(self.steps())
+        for stale in self.manifests.glob("*.json"):
+            if stale.stem.isdigit() and int(stale.stem) not in steps:
+                stale.unlink(missing_ok=True)
+        for step in steps:
+            path = self._manifest_path(step)
+            if not path.exists():
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text(json.dumps(_fingerprint(self.directory / str(step))))
+                os.replace(tmp, path)
+
+    def _damage(self, step: int) -> str | None:
+        """Why ``step``'s files differ from its manifest, or ``None`` (intact, or no manifest yet)."""
+        path = self._manifest_path(step)
+        if not path.exists():
+            return None
+        want = json.loads(path.read_text())
+        have = _fingerprint(self.directory / str(step))
+        for name, (size, crc) in want.items():
+            if name not in have:
+                return f"{name} is missing"
+            if have[name][0] != size:
+                return f"{name} has {have[name][0]} bytes, not {size}"
+            if have[name][1] != crc:
+                return f"{name} has changed (checksum mismatch)"
+        return None
 
     def restore_latest(self, template) -> tuple[Any, int] | None:
         """The newest checkpoint that restores into ``template``'s shapes, dtypes and shardings.
@@ -72,12 +117,17 @@ class Checkpointer:
         target = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, _saveable(template))
         damaged = []
         for step in reversed(steps):
-            args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(target))
-            try:
-                saved = self.manager.restore(step, args=args)["state"]
-            except Exception as err:  # orbax/tensorstore raise many types for a damaged folder
+            reason = self._damage(step)
+            if reason is None:
+                args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(target))
+                try:
+                    saved = self.manager.restore(step, args=args)["state"]
+                except Exception as err:  # orbax/tensorstore raise many types for a damaged folder
+                    _silence_background_errors()
+                    reason = _first_line(err)
+            if reason is not None:
                 log.warning("checkpoint at step %d in %s cannot be restored (%s); trying the previous one",
-                            step, self.directory, _first_line(err))
+                            step, self.directory, reason)
                 damaged.append(step)
                 continue
             for bad in damaged:  # training will reach these steps again and save them afresh
@@ -92,7 +142,31 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        self._write_manifests()
         self.manager.close()
+
+
+def _fingerprint(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            crc = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    crc = zlib.crc32(chunk, crc)
+            out[str(path.relative_to(folder))] = (path.stat().st_size, crc)
+    return out
+
+
+def _silence_background_errors() -> None:
+    """After orbax failed to read a damaged checkpoint, its still-pending background reads fail too
+    and would print tracebacks from other threads; the failure is already reported in one line."""
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda unraisable: None
+    with contextlib.suppress(Exception):
+        import asyncio
+
+        asyncio.get_event_loop_policy().get_event_loop().set_exception_handler(lambda loop, ctx: None)
 
 
 def _first_line(err: BaseException) -> str:

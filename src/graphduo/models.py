@@ -127,6 +127,14 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **optio
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     module_cls, apply = _REGISTRY[name]
+    if any(int(d) < 1 for d in input_shape) or len(input_shape) != 3:
+        raise ValueError(f"input shape must be (H, W, C) of positive sizes, got {tuple(input_shape)}")
+    if name == "cnn":
+        min_side = 2 ** len(options.get("channels", CNN.channels))
+        if min(input_shape[:2]) < min_side:
+            raise ValueError(f"the CNN pools {len(options.get('channels', CNN.channels))} times and needs images "
+                             f"of at least {min_side}x{min_side}, got {input_shape[0]}x{input_shape[1]}: use "
+                             f"--model mlp or fewer --cnn-channels")
     module = module_cls(num_classes=num_classes, **options)
     return Model(name, module, apply, tuple(int(d) for d in input_shape))
 

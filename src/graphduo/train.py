@@ -71,7 +71,10 @@ def prepare(config: Config) -> Run:
                           f"examples of {config.dataset}: use --batch-size {n_train} or less")
     per_epoch = steps_per_epoch(n_train, config.batch_size)
     total = config.steps if config.steps is not None else per_epoch * (config.epochs or DEFAULT_EPOCHS)
-    model = build_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_options())
+    try:
+        model = build_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_options())
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     tx = make_optimizer(config.optimizer, config.lr, momentum=config.momentum,
                         weight_decay=config.weight_decay_value, schedule=config.schedule,
                         warmup_steps=config.warmup_steps, total_steps=total)
