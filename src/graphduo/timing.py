@@ -105,6 +105,16 @@ def break_even_steps(first_eager_s: float, step_eager_s: float,
     return 1 + int(np.ceil((first_traced_s - first_eager_s) / saving))
 
 
+def matmul_peak_flops(n: int = 2048, *, repeats: int = 10) -> float:
+    """This machine's practical compute ceiling: FLOP/s of a jitted n x n float32 matmul (median)."""
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    times = time_call(lambda: matmul(a, a), repeats=repeats)
+    return 2 * n**3 / (times.median_ms / 1e3)
+
+
 def environment() -> dict[str, Any]:
     """What a figure was measured on: versions, backend, device and CPU, XLA flags."""
     import jaxlib
