@@ -229,16 +229,13 @@ def check_same_function(w: Workload, variants: list[Variant]) -> dict[str, float
 # --------------------------------------------------------------------------------------------
 
 
-def matmul_gflops(n: int = 2048) -> float:
-    """How fast this machine is right now: a jitted n x n float32 matmul, in GFLOP/s.
+def matmul_gflops() -> float:
+    """How fast this machine is right now (``graphduo.timing.matmul_peak_flops``), in GFLOP/s.
 
     On a shared machine this drifts with the neighbours' load; it is measured at the start and the
     end of a run so absolute times can be read against it (ratios are interleaved and need not be).
     """
-    a = jnp.ones((n, n), jnp.float32)
-    matmul = jax.jit(lambda m: m @ m)
-    times = timing.time_call(lambda: matmul(a), repeats=10, warmup=2)
-    return 2 * n**3 / (times.median_ms / 1e3) / 1e9
+    return timing.matmul_peak_flops() / 1e9
 
 
 def probe_step_s(v: Variant, w: Workload, calls: int = 3) -> float:
