@@ -109,6 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(compare, "print the result as one JSON object on stdout")
     compare.set_defaults(config_fields=compare_fields)
 
+    inspect = sub.add_parser(
+        "inspect", help="show both graphs of one training step: compiled kernels and eager ops",
+        description="Inspect one training step in both paradigms. traced: jaxpr equations by primitive, HLO "
+                    "instructions before and after XLA's optimization passes, fusions (kernels) per step, FLOPs, "
+                    "bytes, memory, and the graph as Graphviz DOT. eager: every op dispatched in one step, in "
+                    "order, each timed to completion, grouped by primitive and phase (forward, backward, update).",
+        epilog="examples: graphduo inspect --model mlp --batch-size 256; graphduo inspect --format dot > step.dot; "
+               "graphduo inspect --model cnn --dataset synthetic --synthetic-shape 28x28x1 --svg step.svg")
+    inspect_fields = ("model", "dataset", "optimizer", "lr", "batch_size", "seed", "data_dir", "synthetic_shape",
+                      "mlp_features", "cnn_channels", "cnn_dense")
+    add_config_arguments(inspect, only=inspect_fields)
+    inspect.add_argument("--format", choices=("text", "json", "dot"), default="text",
+                         help="text: a report; json: every figure and every eager op; dot: the optimized graph "
+                              "(default: text)")
+    inspect.add_argument("--svg", metavar="FILE", help="also render the optimized graph to FILE with Graphviz's dot")
+    inspect.set_defaults(config_fields=inspect_fields)
+
     launch = sub.add_parser(
         "launch", help="start P local processes of a multi-process run (a cluster rehearsal)",
         description="Start P processes of 'graphduo train' on this machine, joined through a coordinator on "
@@ -150,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_runtime(config)
         if args.command == "train":
             return _train(config, args)
+        if args.command == "inspect":
+            return _inspect(config, args)
         return _compare(config, args)
     except (ConfigError, DataError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
@@ -231,6 +250,34 @@ def _train(config: Config, args) -> int:
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+def _inspect(config: Config, args) -> int:
+    import shutil
+    import subprocess
+
+    from graphduo import graphs
+    from graphduo.train import prepare
+
+    if args.svg and shutil.which("dot") is None:
+        raise ConfigError("--svg needs Graphviz's dot program: install graphviz (apt-get install graphviz), "
+                          "or use --format dot")
+    run = prepare(config)
+    state, batch = graphs.example_inputs(run.model, run.tx, config.batch_size, config.seed)
+    traced_graph = graphs.inspect_traced(run.model, run.tx, state, batch)
+    dot = graphs.hlo_to_dot(traced_graph["optimized_hlo"])
+    if args.format == "dot":
+        print(dot)
+    else:
+        eager_graph = graphs.inspect_eager(run.model, run.tx, state, batch)
+        if args.format == "json":
+            print(json.dumps(graphs.summary(traced_graph, eager_graph)))
+        else:
+            print(graphs.format_report(config.model, config.batch_size, traced_graph, eager_graph))
+    if args.svg:
+        subprocess.run(["dot", "-Tsvg", "-o", args.svg], input=dot, text=True, check=True)
+        print(f"graphduo inspect: wrote {args.svg}", file=sys.stderr)
+    return 0
 
 
 def _compare(config: Config, args) -> int:

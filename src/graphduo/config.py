@@ -72,6 +72,8 @@ class Config:
                                           metavar="K")
     keep: int = _field(3, "number of newest checkpoints to keep")
     debug_nans: bool = _field(False, "check every operation for NaN (slow) and name the first that makes one")
+    profile: str | None = _field(None, "write a JAX profiler trace of the training loop into this folder "
+                                 "(open it in Perfetto: ui.perfetto.dev)", metavar="DIR")
     strategy: str = _field("none", "data parallelism: shard_map and pmap average gradients with an explicit "
                            "pmean, auto lets XLA insert the all-reduce (jit + NamedSharding)",
                            choices=STRATEGIES)

@@ -7,6 +7,7 @@ dispatched (at most two steps in flight, no per-step stall).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -284,8 +285,9 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
             checkpointer.save(step_no, state)
             saved_at = step_no
 
+    profiler = jax.profiler.trace(config.profile, create_perfetto_trace=True) if config.profile else contextlib.nullcontext()
     try:
-        with stop:
+        with stop, profiler:
             epoch0, skip = divmod(start, run.steps_per_epoch)
             for epoch in range(epoch0, run.epochs):
                 pending = None

@@ -1,0 +1,221 @@
+"""``graphduo inspect``: both graphs of one training step, side by side.
+
+traced: the static graph XLA compiles: jaxpr equations by primitive, HLO instructions before and
+after XLA's optimization passes, the fusions (kernels) it launches per step, FLOPs, bytes,
+memory, and the optimized entry computation as Graphviz DOT.
+
+eager: the dynamic graph actually executed in one step: every op dispatched, in order, with its
+wall time (each run to completion), grouped by primitive and by phase (forward, backward,
+optimizer update).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import time
+from typing import Any
+
+import jax
+import jax.extend.core as jex_core
+import numpy as np
+
+from graphduo.models import Model
+from graphduo.step import TrainState, make_train_step
+from graphduo.traced import TracedStep
+
+# HLO opcodes that move no data and launch nothing: not kernels.
+_NOT_KERNELS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy-start", "copy-done"}
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*([^ ]+)\s+([\w\-]+)\(")
+
+
+def hlo_instructions(text: str) -> list[tuple[str, str, str]]:
+    """``(computation, name, opcode)`` of every instruction in HLO text."""
+    out = []
+    computation = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.endswith("{") and "=" not in stripped.split("(")[0]:
+            computation = stripped.split()[1] if stripped.startswith("ENTRY") else stripped.split()[0]
+            continue
+        match = _INSTRUCTION.match(line)
+        if match:
+            out.append((computation, match.group(2), match.group(4)))
+    return out
+
+
+def _entry_name(text: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("ENTRY"):
+            return line.split()[1]
+    return ""
+
+
+def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]:
+    """The compiled step's static graph, measured from JAX's and XLA's own artefacts."""
+    step = TracedStep(make_train_step(model.apply, tx))
+    stages = step.stages(state, batch)
+    primitives = collections.Counter()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            primitives[eqn.primitive.name] += 1
+            for sub in jex_core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(stages.jaxpr.jaxpr)
+    before = stages.lowered.as_text(dialect="hlo")
+    after = stages.compiled.as_text()
+    entry = _entry_name(after)
+    after_instructions = hlo_instructions(after)
+    entry_ops = [op for comp, _, op in after_instructions if comp == entry]
+    kernels = [op for op in entry_ops if op not in _NOT_KERNELS]
+    return {
+        "jaxpr_equations": sum(primitives.values()),
+        "jaxpr_primitives": dict(primitives.most_common()),
+        "hlo_instructions_before_optimization": len(hlo_instructions(before)),
+        "hlo_instructions_after_optimization": len(after_instructions),
+        "fusions": entry_ops.count("fusion"),
+        "kernels_per_step": len(kernels),
+        "kernels_by_opcode": dict(collections.Counter(kernels).most_common()),
+        "cost": stages.cost_analysis(),
+        "memory": stages.memory_analysis(),
+        "compile": {"trace_s": stages.record.trace_s, "lower_s": stages.record.lower_s,
+                    "compile_s": stages.record.compile_s},
+        "optimized_hlo": after,
+    }
+
+
+def hlo_to_dot(text: str) -> str:
+    """The optimized entry computation as a Graphviz DOT graph: kernels as boxes, data as edges."""
+    entry = _entry_name(text)
+    names = {name for comp, name, _ in hlo_instructions(text) if comp == entry}
+    lines = ["digraph step {", "  rankdir=TB; node [shape=box, fontsize=10];"]
+    computation = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("ENTRY"):
+            computation = entry
+            continue
+        if stripped.endswith("{") and "=" not in stripped.split("(")[0]:
+            computation = ""
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match or computation != entry:
+            continue
+        name, shape, opcode = match.group(2), match.group(3), match.group(4)
+        style = ', style=filled, fillcolor="#cfe2ff"' if opcode == "fusion" else ""
+        lines.append(f'  "{name}" [label="{opcode}\\n{shape[:40]}"{style}];')
+        operands = line[line.index(opcode + "(") + len(opcode) + 1:]
+        for operand in re.findall(r"%?([\w.\-]+)", operands.split(")")[0]):
+            if operand in names and operand != name:
+                lines.append(f'  "{operand}" -> "{name}";')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def inspect_eager(model: Model, tx, state: TrainState, batch) -> dict[str, Any]:
+    """Every op one eager step dispatches, in order, each timed to completion.
+
+    The step's graph is recorded as a jaxpr (``jax.make_jaxpr``: exactly the primitives that eager
+    mode binds one by one: the forward pass under autodiff's JVP, the transposed backward pass, then
+    the optimizer update and metrics) and replayed equation by equation on concrete arrays,
+    blocking after each, so each op's time is its own. A first, untimed replay lets JAX compile
+    each primitive once, as eager mode does on its first step.
+    """
+    closed = jax.make_jaxpr(make_train_step(model.apply, tx))(state, batch)
+    inputs = jax.tree.leaves((state, batch))
+    _replay(closed, inputs)
+    ops = _replay(closed, inputs)
+    by_op: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"count": 0, "time_us": 0.0})
+    by_phase: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"count": 0, "time_us": 0.0})
+    for op in ops:
+        for table, key in ((by_op, op["op"]), (by_phase, op["phase"])):
+            table[key]["count"] += 1
+            table[key]["time_us"] += op["time_us"]
+    return {
+        "ops_per_step": len(ops),
+        "total_us": float(sum(op["time_us"] for op in ops)),
+        "by_primitive": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["time_us"])),
+        "by_phase": dict(by_phase),
+        "ops": ops,
+    }
+
+
+def _phase(eqn) -> str:
+    stack = str(eqn.source_info.name_stack)
+    if "transpose(" in stack:
+        return "backward"
+    if "jvp(" in stack:
+        return "forward"
+    return "update+metrics"
+
+
+def _replay(closed, inputs) -> list[dict[str, Any]]:
+    env: dict[Any, Any] = dict(zip(closed.jaxpr.constvars, closed.consts))
+    env.update(zip(closed.jaxpr.invars, inputs))
+
+    def read(var):
+        return var.val if isinstance(var, jex_core.Literal) else env[var]
+
+    ops = []
+    for eqn in closed.jaxpr.eqns:
+        args = [read(v) for v in eqn.invars]
+        t0 = time.perf_counter()
+        out = eqn.primitive.bind(*args, **eqn.params)
+        jax.block_until_ready(out)
+        elapsed = time.perf_counter() - t0
+        env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))
+        ops.append({"op": eqn.primitive.name, "phase": _phase(eqn), "time_us": elapsed * 1e6,
+                    "inputs": [list(getattr(a, "shape", ())) for a in args]})
+    return ops
+
+
+def format_report(model_name: str, batch_size: int, traced: dict, eager: dict, top: int = 12) -> str:
+    """A text report of both graphs for people."""
+    cost, mem = traced["cost"], traced["memory"]
+    lines = [
+        f"{model_name}, batch {batch_size}: one training step, both graphs",
+        "",
+        "traced (static graph, compiled once by XLA)",
+        f"  jaxpr equations          {traced['jaxpr_equations']}",
+        f"  HLO instructions         {traced['hlo_instructions_before_optimization']} before XLA's passes, "
+        f"{traced['hlo_instructions_after_optimization']} after",
+        f"  kernels launched / step  {traced['kernels_per_step']} ({traced['fusions']} fusions)",
+        f"  FLOPs / step             {cost.get('flops', 0):,.0f}",
+        f"  bytes accessed / step    {cost.get('bytes accessed', 0):,.0f}",
+        f"  memory                   arguments {mem.get('argument_size_in_bytes', 0):,} B, temporaries "
+        f"{mem.get('temp_size_in_bytes', 0):,} B, outputs {mem.get('output_size_in_bytes', 0):,} B",
+        f"  trace / lower / compile  {traced['compile']['trace_s']:.3f} / {traced['compile']['lower_s']:.3f} / "
+        f"{traced['compile']['compile_s']:.3f} s",
+        "",
+        "eager (dynamic graph, op by op, each op timed to completion)",
+        f"  ops dispatched / step    {eager['ops_per_step']}, {eager['total_us'] / 1e3:.2f} ms in all",
+    ]
+    for phase, row in eager["by_phase"].items():
+        lines.append(f"  {phase:<24} {row['count']:>5} ops  {row['time_us'] / 1e3:8.2f} ms")
+    lines += ["", f"  {'primitive':<22} {'ops':>5} {'ms':>9} {'us/op':>8}"]
+    for name, row in list(eager["by_primitive"].items())[:top]:
+        lines.append(f"  {name:<22} {row['count']:>5} {row['time_us'] / 1e3:9.3f} {row['time_us'] / row['count']:8.1f}")
+    lines += ["", f"side by side: {eager['ops_per_step']} ops dispatched per eager step against "
+                  f"{traced['kernels_per_step']} kernels launched per traced step "
+                  f"({eager['ops_per_step'] / max(traced['kernels_per_step'], 1):.1f}x)"]
+    return "\n".join(lines)
+
+
+def summary(traced: dict, eager: dict) -> dict[str, Any]:
+    """The JSON form: everything but the raw HLO text and the per-op list's bulk."""
+    t = {k: v for k, v in traced.items() if k != "optimized_hlo"}
+    return {"traced": t, "eager": eager,
+            "ops_per_kernel": eager["ops_per_step"] / max(traced["kernels_per_step"], 1)}
+
+
+def example_inputs(model: Model, tx, batch_size: int, seed: int = 0):
+    """A fresh train state and one random batch of ``batch_size`` for ``model``."""
+    from graphduo.step import create_train_state
+
+    state = create_train_state(model, tx, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    batch = {"image": rng.normal(size=(batch_size, *model.input_shape)).astype(np.float32),
+             "label": rng.integers(0, 10, batch_size).astype(np.int32)}
+    return state, jax.device_put(batch)
