@@ -1,0 +1,61 @@
+"""experiments/eager_vs_traced.py and experiments/memory.py run end to end in --quick mode.
+
+These check that the scripts work and write what they promise, not the figures.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, out: pathlib.Path) -> None:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_quick_runs_write_results_summary_and_plots(tmp_path):
+    evt, mem = tmp_path / "eager_vs_traced", tmp_path / "memory"
+    _run("eager_vs_traced.py", evt)
+    _run("memory.py", mem)
+
+    try:
+        import matplotlib  # noqa: F401
+        has_mpl = True
+    except ImportError:
+        has_mpl = False
+
+    results = json.loads((evt / "results.json").read_text())
+    assert results["environment"]["jax"] and results["environment"]["matmul_peak_flops"] > 0
+    modes = {(r["mode"], r["batch_size"]) for r in results["rows"]}
+    assert {("eager", 1), ("traced", 1), ("eager", 64), ("traced", 64)} <= modes
+    for r in results["rows"]:
+        assert r["step_time_p10_ms"] <= r["step_time_ms"] <= r["step_time_p90_ms"]
+        assert r["timed_steps"] >= 3 and r["samples_per_s"] > 0
+    mlp = results["analysis"]["mlp"]["per_batch"]
+    assert all(p["speedup"] > 0 and p["flops_per_step"] > 0 and 0 < p["traced_peak_fraction"] for p in mlp)
+    summary = (evt / "SUMMARY.md").read_text()
+    assert "|" in summary and "machine" in summary.lower() and "Dispatch-bound rule" in summary
+    if has_mpl:
+        assert (evt / "step_time.png").stat().st_size > 0 and (evt / "speedup.png").stat().st_size > 0
+
+    results = json.loads((mem / "results.json").read_text())
+    assert results["environment"]["jax"]
+    for r in results["rows"]:
+        t, e = r["traced"], r["eager"]
+        assert t["peak_bytes"] > 0 and t["argument_size_in_bytes"] > 0
+        # the eager peak holds at least the inputs and the outputs (old and new state, no donation)
+        assert e["peak_bytes"] >= e["input_bytes"] + e["output_bytes"] * 0.9
+        assert e["no_free_peak_bytes"] >= e["peak_bytes"]
+    by_batch = {r["batch_size"]: r for r in results["rows"]}
+    assert by_batch[64]["traced"]["peak_bytes"] > by_batch[1]["traced"]["peak_bytes"]
+    summary = (mem / "SUMMARY.md").read_text()
+    assert "|" in summary and "machine" in summary.lower() and "live_arrays" in summary
+    if has_mpl:
+        assert (mem / "memory.png").stat().st_size > 0
