@@ -43,7 +43,6 @@ import dataclasses
 import gc
 import json
 import pathlib
-import shlex
 import statistics
 import sys
 import tempfile
@@ -498,7 +497,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()
     env["matmul_gflops_start"] = matmul_gflops()

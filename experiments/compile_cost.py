@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import pathlib
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -467,7 +466,7 @@ def main(argv=None) -> None:
     if args.cache_child:
         cache_child(args.cache_child)
         return
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()
     print(f"compile_cost on {env['cpu']} ({env['cpu_count']} cores), jax {env['jax']} {env['backend']}",

@@ -37,7 +37,6 @@ import json
 import os
 import pathlib
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -315,7 +314,9 @@ def main(argv=None) -> int:
     if bad:
         sys.exit(f"--batch-size {args.batch_size} is not divisible by N={bad}: use a multiple of "
                  f"{max(settings['devices'])}")
-    command = " ".join(["python", "experiments/data_parallel.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    from graphduo.timing import command_line  # the parent process never starts a JAX backend
+
+    command = command_line(argv)
     t0 = time.perf_counter()
     rows, errors, env = [], [], {}
     for n in settings["devices"]:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shlex
 import sys
 import time
 from typing import Any
@@ -391,7 +390,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()
     res = run(args)

@@ -43,7 +43,6 @@ import argparse
 import gc
 import json
 import pathlib
-import shlex
 import sys
 import time
 from typing import Any
@@ -347,7 +346,7 @@ def main(argv=None) -> None:
     if args.replot:
         replot(args.out)
         return
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()
     env["matmul_peak_flops_start"] = timing.matmul_peak_flops(args.matmul_n, repeats=5 if args.quick else 10)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from graphduo import build_model, load_dataset
 from graphduo.cli import main
 from graphduo.data import DataError
-from test_data import idx_bytes, make_idx_arrays, write_idx_files
+from test_data import make_idx_arrays, write_idx_files
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SLOW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

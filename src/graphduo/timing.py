@@ -115,6 +115,14 @@ def matmul_peak_flops(n: int = 2048, *, repeats: int = 10) -> float:
     return 2 * n**3 / (times.median_ms / 1e3)
 
 
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that produced a result, quoted so it can be pasted back into a shell."""
+    import shlex
+    import sys
+
+    return "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+
+
 def environment() -> dict[str, Any]:
     """What a figure was measured on: versions, backend, device and CPU, XLA flags."""
     import jaxlib
