@@ -1,0 +1,570 @@
+"""Peers: graphduo's training step against PyTorch's, same model, same weights, same optimizer.
+
+What it measures, for the MLP (784-512-512-10) and the CNN (conv32-pool-conv64-pool-dense128) at batch
+32 and 256, Adam lr 1e-3 (``torch.optim.Adam`` defaults equal ``optax.adam``'s: b1 0.9, b2 0.999,
+eps 1e-8), four variants of one training step (forward, softmax cross-entropy, backward, Adam):
+
+* ``torch-eager``:     a ``torch.nn`` model, ``loss.backward()``, ``torch.optim.Adam`` (default, foreach).
+* ``torch-compile``:   the same, with the model wrapped in ``torch.compile`` (default mode; forward and
+                       backward compiled, the optimizer step runs as in eager). Its first step includes
+                       the compile and is reported apart.
+* ``graphduo-eager``:  ``graphduo.EagerStep(make_train_step(model.apply, tx))``, op by op.
+* ``graphduo-traced``: ``graphduo.TracedStep(make_train_step(model.apply, tx), donate_argnums=0)``.
+
+All four start from the same weights: graphduo's ``model.init(jax.random.key(0))`` copied into torch
+(Dense kernels (in, out) -> Linear weight (out, in); Conv kernels HWIO -> OIHW; the CNN's flatten is
+NHWC order in graphduo, so the torch CNN permutes to NHWC before flattening). A check runs five
+steps of every variant on the same five batches and requires the same losses.
+
+How: every step goes through ``graphduo.timing.time_steps`` (first step apart, untimed warm-up, each
+step run to completion, median and p10/p90); torch steps are adapted to its ``step(state, batch)``
+form (CPU torch is synchronous, so a step has finished when it returns). The machine is noisy, so
+the variants are interleaved over several rounds; a variant's figure is the median over rounds of
+its per-round median, p10-p90 is over every timed step, and a ratio is the median of per-round
+ratios. torch runs with ``torch.set_num_threads(os.cpu_count())``.
+
+Also: the traced step's achieved FLOP/s (XLA ``cost_analysis()["flops"]`` / median step time) against
+``graphduo.timing.matmul_peak_flops()``, and, at batch 32, where graphduo's eager step spends its time
+(``graphduo.graphs.inspect_eager``: ops dispatched per step, time by phase) next to torch eager's
+forward / backward / optimizer-step times.
+
+Needs PyTorch: ``pip install "graphduo[peers]"``. Without it the script says so and exits with status 2.
+
+Run:
+    python experiments/peers.py            # full run, about five minutes
+    python experiments/peers.py --quick    # smoke test (MLP, batch 32), under a minute
+    python experiments/peers.py --out DIR  # results elsewhere
+
+Writes ``DIR/results.json`` (every per-round time, check, ratio and goal, the environment with torch's
+version and thread count), ``DIR/SUMMARY.md`` (table, goals, breakdown) and ``DIR/step_time.png``
+(skipped, with a note, when matplotlib is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import pathlib
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graphduo import timing
+from graphduo.eager import EagerStep
+from graphduo.graphs import inspect_eager
+from graphduo.models import build_model
+from graphduo.step import TrainState, make_optimizer, make_train_step
+from graphduo.traced import TracedStep
+
+INPUT_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+LR = 1e-3
+DEFAULT_OUT = pathlib.Path("experiments/results/peers")
+VARIANTS = ("torch-eager", "torch-compile", "graphduo-eager", "graphduo-traced")
+CHECK_STEPS = 5
+# Loss agreement after CHECK_STEPS steps from the same weights on the same batches. torch and XLA sum
+# in different orders (and pick different matmul/conv kernels), so float32 results differ by rounding
+# (~1e-6 relative) at step 0. Adam then normalises each gradient entry by its own magnitude: an entry
+# whose gradient is near zero can get a visibly different update (up to ~lr = 1e-3 per step) from a
+# rounding-level difference. Over five steps this moves the loss by ~1e-5..1e-4, far below the
+# ~1e-2 per-step change of the loss itself, so 1e-3 relative separates "same computation" from a
+# wrong weight layout or optimizer (which give differences of 1e-1 or more from the first step).
+LOSS_RTOL = 1e-3
+
+
+def need_torch():
+    """Import torch, or exit with status 2 and a one-line message saying how to install it."""
+    try:
+        import torch
+    except ImportError:
+        print('experiments/peers.py needs PyTorch, which is not installed: pip install "graphduo[peers]"',
+              file=sys.stderr)
+        sys.exit(2)
+    return torch
+
+
+# --------------------------------------------------------------------------------------------
+# The torch side: the same models, weights copied from graphduo's parameter tree.
+# --------------------------------------------------------------------------------------------
+
+
+def torch_model(torch, name: str, params) -> Any:
+    """graphduo's MLP or CNN as a ``torch.nn`` module holding a copy of ``params``."""
+    nn = torch.nn
+
+    def t(a, perm=None):
+        a = np.array(a)  # a writable host copy
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(perm) if perm else a)).clone()
+
+    def linear(p):
+        layer = nn.Linear(*p["kernel"].shape)
+        with torch.no_grad():
+            layer.weight.copy_(t(p["kernel"], (1, 0)))  # (in, out) -> (out, in)
+            layer.bias.copy_(t(p["bias"]))
+        return layer
+
+    def conv(p):
+        h, w, i, o = p["kernel"].shape
+        layer = nn.Conv2d(i, o, (h, w), padding="same")
+        with torch.no_grad():
+            layer.weight.copy_(t(p["kernel"], (3, 2, 0, 1)))  # HWIO -> OIHW
+            layer.bias.copy_(t(p["bias"]))
+        return layer
+
+    class NHWCFlatten(nn.Module):
+        """Flatten in graphduo's (NHWC) order, so the first Dense kernel's rows line up."""
+
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1).flatten(1)
+
+    if name == "mlp":
+        n = len(params)
+        layers: list[Any] = [nn.Flatten()]
+        for i in range(n):
+            layers.append(linear(params[f"Dense_{i}"]))
+            if i < n - 1:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+    layers = []
+    n_conv = sum(k.startswith("Conv_") for k in params)
+    for i in range(n_conv):  # graphduo pools before ReLU: the same function (both monotone)
+        layers += [conv(params[f"Conv_{i}"]), nn.MaxPool2d(2), nn.ReLU()]
+    layers += [NHWCFlatten(), linear(params["Dense_0"]), nn.ReLU(), linear(params["Dense_1"])]
+    return nn.Sequential(*layers)
+
+
+class TorchState:
+    """A torch model and its Adam optimizer: the torch step's ``state`` (updated in place)."""
+
+    def __init__(self, torch, model, forward):
+        self.model = model
+        self.forward = forward  # the model itself, or its torch.compile wrapper
+        self.opt = torch.optim.Adam(model.parameters(), lr=LR)  # defaults: b1 .9, b2 .999, eps 1e-8
+
+
+def torch_step(torch):
+    """``step(state, batch) -> (state, {"loss"})`` for ``graphduo.timing.time_steps``."""
+    F = torch.nn.functional
+
+    def step(state: TorchState, batch):
+        state.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(state.forward(batch["image"]), batch["label"])
+        loss.backward()
+        state.opt.step()
+        return state, {"loss": loss.detach()}
+
+    return step
+
+
+def torch_batch(torch, batch, model_name: str):
+    """A graphduo batch (NHWC numpy) as torch tensors: NCHW for the CNN, flat for the MLP."""
+    x = np.asarray(batch["image"])
+    x = x.transpose(0, 3, 1, 2) if model_name == "cnn" else x.reshape(len(x), -1)
+    return {"image": torch.from_numpy(np.ascontiguousarray(x)),
+            "label": torch.from_numpy(np.asarray(batch["label"]).astype(np.int64))}
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads and variants.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    step: Callable[[Any, Any], tuple[Any, Any]]
+    fresh_state: Callable[[], Any]
+    batch: Any  # this variant's form of the timing batch
+    check_batches: list[Any]
+
+
+def copy_tree(tree):
+    return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
+
+
+def make_variants(torch, model_name: str, batch_size: int, seed: int = 0):
+    model = build_model(model_name, INPUT_SHAPE, NUM_CLASSES)
+    params0 = model.init(jax.random.key(0))
+    tx = make_optimizer("adam", LR)
+    rng = np.random.default_rng(seed)
+    np_batches = [{"image": rng.random((batch_size, *INPUT_SHAPE), dtype=np.float32),
+                   "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)}
+                  for _ in range(CHECK_STEPS + 1)]
+    jax_batches = [jax.device_put(b) for b in np_batches]
+    torch_batches = [torch_batch(torch, b, model_name) for b in np_batches]
+    jax.block_until_ready(jax_batches)
+
+    def gd_state():
+        params = copy_tree(params0)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(1))
+
+    def t_state(compiled: bool):
+        def fresh():
+            m = torch_model(torch, model_name, params0)
+            if not compiled:
+                return TorchState(torch, m, m)
+            torch._dynamo.reset()  # no cached graph (or automatic-dynamic shapes) from another workload
+            return TorchState(torch, m, torch.compile(m))
+        return fresh
+
+    train_step = make_train_step(model.apply, tx)
+    tstep = torch_step(torch)
+    variants = [
+        Variant("torch-eager", tstep, t_state(False), torch_batches[-1], torch_batches[:CHECK_STEPS]),
+        Variant("torch-compile", tstep, t_state(True), torch_batches[-1], torch_batches[:CHECK_STEPS]),
+        Variant("graphduo-eager", EagerStep(train_step), gd_state, jax_batches[-1], jax_batches[:CHECK_STEPS]),
+        Variant("graphduo-traced", TracedStep(train_step, donate_argnums=0), gd_state, jax_batches[-1],
+                jax_batches[:CHECK_STEPS]),
+    ]
+    return model, tx, gd_state, jax_batches[-1], variants
+
+
+def check_losses(variants: list[Variant]):
+    """CHECK_STEPS steps of each variant from the same weights on the same batches: the losses agree.
+
+    Also returns each variant's state after those steps (timing goes on from there) and the time of
+    its cold first step (compilation included for torch.compile and graphduo-traced), taken through
+    ``timing.time_steps`` like every other figure.
+    """
+    losses, states, first_s = {}, {}, {}
+    for v in variants:
+        gc.collect()
+        states[v.name], metrics, t = timing.time_steps(v.step, v.fresh_state(), v.check_batches)
+        losses[v.name] = [float(m["loss"]) for m in metrics]
+        first_s[v.name] = t.first_s
+    ref = losses["graphduo-traced"]
+    max_rel = max(abs(a - r) / max(1.0, abs(r)) for name, ls in losses.items() for a, r in zip(ls, ref))
+    ok = max_rel <= LOSS_RTOL
+    if not ok:
+        print(f"WARNING: losses differ across variants (max rel diff {max_rel:.2e}): {losses}", file=sys.stderr)
+    return {"steps": CHECK_STEPS, "losses": losses, "max_rel_diff": max_rel, "rtol": LOSS_RTOL, "ok": ok}, \
+        states, first_s
+
+
+# --------------------------------------------------------------------------------------------
+# Timing.
+# --------------------------------------------------------------------------------------------
+
+
+def steps_for(step_s: float, budget_s: float, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, round(budget_s / step_s))))
+
+
+def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, Any]:
+    label = f"{model_name} b{batch_size}"
+    model, tx, gd_state, gd_batch, variants = make_variants(torch, model_name, batch_size)
+    checks, states, first_s = check_losses(variants)
+    print(f"[{label}] loss check over {CHECK_STEPS} steps: max rel diff {checks['max_rel_diff']:.1e} "
+          f"({'ok' if checks['ok'] else 'MISMATCH'})", file=sys.stderr)
+
+    # One state per variant, kept across rounds, continuing from the check.
+    steps, rounds = {}, {v.name: [] for v in variants}
+    for v in variants:  # probe: a rough steady-state time to size the measurements
+        gc.collect()
+        states[v.name], _, t = timing.time_steps(v.step, states[v.name], [v.batch] * 5, warmup=1)
+        steps[v.name] = steps_for(t.median_ms / 1e3, args.budget, args.min_steps, args.max_steps)
+    for r in range(args.rounds):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for v in order:
+            gc.collect()
+            states[v.name], _, t = timing.time_steps(v.step, states[v.name], [v.batch] * (3 + steps[v.name]),
+                                                     warmup=2)
+            rounds[v.name].append({"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
+                                   "times_ms": [x * 1e3 for x in t.times_s]})
+        print(f"[{label}] round {r + 1}/{args.rounds}: " + "  ".join(
+            f"{n} {rs[-1]['median_ms']:.3g}" for n, rs in rounds.items()) + " ms", file=sys.stderr)
+
+    traced = next(v for v in variants if v.name == "graphduo-traced")
+    cost = traced.step.stages(gd_state(), gd_batch).cost_analysis()
+    res = {"model": model_name, "batch_size": batch_size, "checks": checks, "first_step_s": first_s,
+           "timed_steps_per_round": steps, "rounds": rounds, "cost": cost,
+           "graphduo_traced_compile_s": traced.step.compile_time_s}
+    res["summary"] = {n: summarize(rs, batch_size) for n, rs in rounds.items()}
+    res["ratios"] = ratios(rounds)
+    if batch_size == min(args.batch_sizes):
+        res["eager_breakdown"] = eager_breakdown(torch, model, tx, gd_state(), gd_batch,
+                                                 next(v for v in variants if v.name == "torch-eager"))
+    return res
+
+
+def summarize(rs: list[dict], batch_size: int) -> dict[str, float]:
+    median = statistics.median(r["median_ms"] for r in rs)
+    pooled = [t for r in rs for t in r["times_ms"]]
+    return {"median_ms": median, "p10_ms": float(np.percentile(pooled, 10)),
+            "p90_ms": float(np.percentile(pooled, 90)), "samples_per_s": batch_size / (median / 1e3)}
+
+
+def ratio(rounds, num: str, den: str) -> dict[str, Any]:
+    """Median over rounds of ``num``'s median time / ``den``'s (a speedup of ``den`` over ``num``)."""
+    per = [a["median_ms"] / b["median_ms"] for a, b in zip(rounds[num], rounds[den])]
+    return {"median": statistics.median(per), "min": min(per), "max": max(per), "per_round": per}
+
+
+def ratios(rounds) -> dict[str, Any]:
+    return {
+        # speedups of graphduo traced: > 1 means graphduo traced is faster
+        "traced_speedup_vs_torch_compile": ratio(rounds, "torch-compile", "graphduo-traced"),
+        "traced_speedup_vs_torch_eager": ratio(rounds, "torch-eager", "graphduo-traced"),
+        # time ratio: > 1 means graphduo eager is slower
+        "eager_time_vs_torch_eager": ratio(rounds, "graphduo-eager", "torch-eager"),
+    }
+
+
+def eager_breakdown(torch, model, tx, state, batch, torch_variant: Variant, reps: int = 15) -> dict[str, Any]:
+    """graphduo eager: ops and time by phase (``inspect_eager``); torch eager: its three phases timed."""
+    report = inspect_eager(model, tx, state, batch)
+    F = torch.nn.functional
+    ts = torch_variant.fresh_state()
+    b = torch_variant.batch
+    phases: dict[str, list[float]] = {"forward": [], "backward": [], "update+metrics": []}
+    for i in range(reps + 2):
+        ts.opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(ts.forward(b["image"]), b["label"])
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        ts.opt.step()
+        t3 = time.perf_counter()
+        if i >= 2:
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[k].append(dt * 1e3)
+    return {"graphduo_ops_per_step": report["ops_per_step"],
+            "graphduo_total_ms": report["total_us"] / 1e3,
+            "graphduo_by_phase": {k: {"ops": int(v["count"]), "ms": v["time_us"] / 1e3}
+                                  for k, v in report["by_phase"].items()},
+            "graphduo_top_primitives": {k: {"ops": int(v["count"]), "ms": v["time_us"] / 1e3}
+                                        for k, v in list(report["by_primitive"].items())[:6]},
+            "torch_by_phase_ms": {k: statistics.median(v) for k, v in phases.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# Goals and report.
+# --------------------------------------------------------------------------------------------
+
+
+def find(results, model: str, batch: int):
+    return next((r for r in results if r["model"] == model and r["batch_size"] == batch), None)
+
+
+def goals(results, peak: float) -> list[dict[str, Any]]:
+    out = []
+    mlp, cnn = find(results, "mlp", 256), find(results, "cnn", 256)
+
+    def add(text, value, target, op, shown):
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out.append({"goal": text, "value": value, "target": f"{op} {target}", "met": met,
+                    "reading": shown if value is not None else "not measured in this run (needs batch 256)"})
+
+    v = mlp["ratios"]["traced_speedup_vs_torch_compile"]["median"] if mlp else None
+    add("graphduo traced MLP step at batch 256 at least 1.5x faster than torch.compile", v, 1.5, ">=",
+        f"{v:.2f}x" if v else "")
+    frac = (mlp["cost"]["flops"] / (mlp["summary"]["graphduo-traced"]["median_ms"] / 1e3) / peak) if mlp else None
+    add("graphduo traced MLP step at batch 256 at >= 85% of the matmul peak", frac, 0.85, ">=",
+        f"{100 * frac:.1f}% of {peak / 1e9:.1f} GFLOP/s" if frac else "")
+    v = cnn["ratios"]["traced_speedup_vs_torch_eager"]["median"] if cnn else None
+    add("graphduo traced CNN step at batch 256 faster than PyTorch eager", v, 1.0, ">=",
+        f"{v:.2f}x" if v else "")
+    return out
+
+
+HEADER = ("model", "batch", "variant", "median ms", "p10-p90 ms", "samples/s", "first step s", "vs torch-eager")
+
+
+def table_rows(results) -> list[tuple[str, ...]]:
+    rows = []
+    for res in results:
+        te = res["summary"]["torch-eager"]["median_ms"]
+        for name in VARIANTS:
+            s = res["summary"][name]
+            rows.append((res["model"], str(res["batch_size"]), name, f"{s['median_ms']:.3g}",
+                         f"{s['p10_ms']:.3g}-{s['p90_ms']:.3g}", f"{s['samples_per_s']:,.0f}",
+                         f"{res['first_step_s'][name]:.2f}", f"{te / s['median_ms']:.2f}x"))
+    return rows
+
+
+def format_table(rows) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                     for r in [HEADER, tuple("-" * w for w in widths), *rows])
+
+
+def markdown_table(header, rows) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def ratio_rows(results, peak) -> list[tuple[str, ...]]:
+    rows = []
+    for res in results:
+        r = res["ratios"]
+        f = lambda k: f"{r[k]['median']:.2f} [{r[k]['min']:.2f}-{r[k]['max']:.2f}]"  # noqa: E731
+        achieved = res["cost"]["flops"] / (res["summary"]["graphduo-traced"]["median_ms"] / 1e3)
+        rows.append((res["model"], str(res["batch_size"]), f("traced_speedup_vs_torch_compile"),
+                     f("traced_speedup_vs_torch_eager"), f("eager_time_vs_torch_eager"),
+                     f"{res['cost']['flops'] / 1e6:.1f}", f"{achieved / 1e9:.1f} ({100 * achieved / peak:.1f}%)"))
+    return rows
+
+
+RATIO_HEADER = ("model", "batch", "traced speedup vs torch.compile", "traced speedup vs torch eager",
+                "graphduo eager time / torch eager time", "traced MFLOP/step", "traced GFLOP/s (of peak)")
+
+
+def breakdown_text(results) -> list[str]:
+    lines = []
+    for res in results:
+        b = res.get("eager_breakdown")
+        if not b:
+            continue
+        te = res["summary"]["torch-eager"]["median_ms"]
+        ge = res["summary"]["graphduo-eager"]["median_ms"]
+        lines += [f"**{res['model']} batch {res['batch_size']}**: graphduo eager {ge:.2f} ms against torch eager "
+                  f"{te:.2f} ms per step (x{res['ratios']['eager_time_vs_torch_eager']['median']:.2f}). "
+                  f"graphduo dispatches {b['graphduo_ops_per_step']} ops per step "
+                  f"({b['graphduo_total_ms']:.2f} ms when each op is run to completion, `inspect_eager`):", "",
+                  "| phase | graphduo ops | graphduo ms | torch ms |", "|---|---|---|---|"]
+        for phase in ("forward", "backward", "update+metrics"):
+            g = b["graphduo_by_phase"].get(phase, {"ops": 0, "ms": 0.0})
+            lines.append(f"| {phase} | {g['ops']} | {g['ms']:.2f} | {b['torch_by_phase_ms'][phase]:.2f} |")
+        top = ", ".join(f"{k} {v['ops']} ops {v['ms']:.2f} ms" for k, v in b["graphduo_top_primitives"].items())
+        lines += ["", f"graphduo's costliest primitives: {top}. torch's update phase is `opt.step()` only "
+                      "(its loss is already computed); graphduo's also computes the accuracy metric.", ""]
+    return lines
+
+
+def write_summary(path, results, goal_list, env, command, wall_s, args, plot_note) -> None:
+    peak = env["matmul_peak_flops"]
+    verdict = {True: "**MET**", False: "**NOT MET**", None: "not evaluated"}
+    text = [
+        "# peers: graphduo against PyTorch (eager and torch.compile)", "",
+        f"Command: `{command}`  ",
+        f"Wall time: {wall_s:.0f} s; {args.rounds} interleaved round(s) per workload.  ",
+        f"Machine: {env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), torch "
+        f"{env['torch']} with torch.set_num_threads({env['torch_threads']}) (the machine's core count), python "
+        f"{env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}.  ",
+        f"Matmul peak (`graphduo.timing.matmul_peak_flops`): {env['matmul_peak_flops_start'] / 1e9:.1f} GFLOP/s at "
+        f"the start, {env['matmul_peak_flops_end'] / 1e9:.1f} at the end; fractions use the larger.",
+        "", "## Step times", "", markdown_table(HEADER, table_rows(results)), "",
+        "median: median over rounds of each round's median step time; p10-p90 over every timed step; first "
+        "step: the cold first call (torch.compile and graphduo-traced: includes compilation), timed apart. "
+        "torch.compile wraps the model (forward and backward compiled); Adam's step runs as in eager; "
+        "inductor's on-disk caches are disabled, so its first step is a full compile.", "",
+        "## Ratios", "", markdown_table(RATIO_HEADER, ratio_rows(results, peak)), "",
+        "Each ratio: median of the per-round ratios [smallest-largest]. Achieved FLOP/s: XLA's "
+        "`cost_analysis()[\"flops\"]` for one traced step / its median time.", "",
+        "## Goals", "",
+    ]
+    for g in goal_list:
+        text.append(f"- {g['goal']} (target {g['target']}): {verdict[g['met']]}, {g['reading']}.")
+    text += ["- graphduo eager against PyTorch eager at batch 32 (information, no target): " + "; ".join(
+        f"{r['model']} x{r['ratios']['eager_time_vs_torch_eager']['median']:.2f} the time"
+        for r in results if r["batch_size"] == 32) + ". Breakdown below.", ""]
+    text += ["## Same function", "", "Losses after each of the first "
+             f"{CHECK_STEPS} steps from the same weights on the same batches, all four variants: " + "; ".join(
+                 f"{r['model']} b{r['batch_size']} max relative difference {r['checks']['max_rel_diff']:.1e} "
+                 f"({'within' if r['checks']['ok'] else 'OUTSIDE'} {LOSS_RTOL:g})" for r in results) + ".", ""]
+    text += ["## Eager breakdown (batch 32)", "", *breakdown_text(results)]
+    if plot_note:
+        text += [plot_note, ""]
+    path.write_text("\n".join(text))
+
+
+def plot(results, out: pathlib.Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "Plot skipped: matplotlib is not installed."
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['model']} b{r['batch_size']}" for r in results]
+    x = np.arange(len(results))
+    for i, name in enumerate(VARIANTS):
+        ax.bar(x + (i - 1.5) * 0.2, [r["summary"][name]["median_ms"] for r in results], 0.2, label=name)
+    ax.set_xticks(x, labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("median step time (ms, log)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "step_time.png", dpi=100)
+    plt.close(fig)
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Main.
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time the same MLP/CNN Adam training step in PyTorch eager, torch.compile, graphduo eager "
+                    "and graphduo traced, from the same weights; check they agree; write results.json and "
+                    'SUMMARY.md. Needs PyTorch (pip install "graphduo[peers]").',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test in under a minute: MLP at batch 32 only, 1 round, short measurements")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="folder for the results")
+    parser.add_argument("--models", default=None, help="comma-separated models (default mlp,cnn; --quick: mlp)")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes (default 32,256; --quick: 32)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per workload (default 3; --quick: 1)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of timed steps per variant per round (default 0.8; --quick: 0.2)")
+    args = parser.parse_args(argv)
+    q = args.quick
+    args.models = [m.strip() for m in (args.models or ("mlp" if q else "mlp,cnn")).split(",")]
+    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("32" if q else "32,256")).split(",")]
+    args.rounds = args.rounds or (1 if q else 3)
+    args.budget = args.budget or (0.2 if q else 0.8)
+    args.min_steps = 3 if q else 5
+    args.max_steps = 50 if q else 300
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch = need_torch()
+    torch.set_num_threads(os.cpu_count() or 1)
+    # torch.compile's first step must include a real compile, not a hit in inductor's on-disk cache
+    # left by an earlier run (which makes it look ~10x cheaper); graphduo-traced compiles afresh too.
+    torch._inductor.config.force_disable_caches = True
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    t_start = time.perf_counter()
+    env = timing.environment()
+    env.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    env["matmul_peak_flops_start"] = timing.matmul_peak_flops()
+    print(f"peers on {env['cpu']} ({env['cpu_count']} cores), jax {env['jax']}, torch {env['torch']} "
+          f"({env['torch_threads']} threads), matmul {env['matmul_peak_flops_start'] / 1e9:.0f} GFLOP/s",
+          file=sys.stderr)
+    results = [bench_workload(torch, m, b, args) for m in args.models for b in args.batch_sizes]
+    env["matmul_peak_flops_end"] = timing.matmul_peak_flops()
+    env["matmul_peak_flops"] = max(env["matmul_peak_flops_start"], env["matmul_peak_flops_end"])
+    goal_list = goals(results, env["matmul_peak_flops"])
+    wall_s = time.perf_counter() - t_start
+
+    print(format_table(table_rows(results)))
+    for g in goal_list:
+        print(f"goal: {g['goal']}: {g['met']} ({g['reading']})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_note = plot(results, args.out)
+    payload = {"command": command, "wall_s": wall_s, "environment": env, "goals": goal_list,
+               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+               "workloads": results}
+    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_summary(args.out / "SUMMARY.md", results, goal_list, env, command, wall_s, args, plot_note)
+    print(f"wall time {wall_s:.0f} s; wrote {args.out / 'results.json'} and {args.out / 'SUMMARY.md'}",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
