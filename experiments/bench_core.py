@@ -441,8 +441,7 @@ def write_summary(path: pathlib.Path, rows, results, env, command: str, wall_s: 
         "",
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s, {args.rounds} interleaved rounds per workload.  ",
-        f"Machine: {env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), "
-        f"python {env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}.  ",
+        f"Machine: {timing.describe_machine(env)}.  ",
         f"Machine speed (jitted 2048x2048 float32 matmul): {env['matmul_gflops_start']:.0f} GFLOP/s at the "
         f"start, {env['matmul_gflops_end']:.0f} GFLOP/s at the end.",
         "",

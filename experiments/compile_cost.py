@@ -331,8 +331,7 @@ def write_summary(out: pathlib.Path, payload: dict) -> None:
 
 Command: `{payload['command']}`  
 Wall time: {payload['wall_s']:.0f} s.  
-Machine: {env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), python {env['python']},
-XLA_FLAGS={env['xla_flags'] or '(none)'}. Shared and noisy: single figures can move by tens of percent.
+Machine: {timing.describe_machine(env)}. Shared and noisy: single figures can move by tens of percent.
 
 Adam (lr 1e-3) train step, batch {args['batch_size']}, each configuration in a fresh `TracedStep`
 (donated state). MLP inputs 28x28x1, CNN inputs {'x'.join(map(str, args['cnn_input']))} (conv 3x3, 32 channels per layer, then dense 128).

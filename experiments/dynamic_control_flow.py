@@ -289,8 +289,7 @@ def write_summary(out: pathlib.Path, payload: dict) -> None:
 
 Command: `{payload['command']}`  
 Wall time: {payload['wall_s']:.0f} s.  
-Machine: {env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), python {env['python']},
-XLA_FLAGS={env['xla_flags'] or '(none)'}. Shared and noisy.
+Machine: {timing.describe_machine(env)}. Shared and noisy.
 
 Model: z = x U; h <- h + {DAMPING} (tanh(h W + z) - h) from h = 0 until max|update| < {TOL:g} or {MAX_ITERS}
 iterations; logits = h V + c. Batch {BATCH} x {IN_DIM}, hidden {HIDDEN}, |W| = 0.9. Inputs differ only in scale,

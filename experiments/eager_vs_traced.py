@@ -207,8 +207,7 @@ def write_summary(out: pathlib.Path, rows, analysis, env, command: str, wall_s: 
         "",
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s.  ",
-        f"Machine: {env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), "
-        f"python {env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}.  ",
+        f"Machine: {timing.describe_machine(env)}.  ",
         f"Peak (jitted {args.matmul_n}x{args.matmul_n} float32 matmul, `graphduo.timing.matmul_peak_flops`): "
         f"{env['matmul_peak_flops_start'] / 1e9:.1f} GFLOP/s at the start, {env['matmul_peak_flops_end'] / 1e9:.1f} at the "
         f"end; fractions below are against the larger, {env['matmul_peak_flops'] / 1e9:.1f} GFLOP/s.",

@@ -253,8 +253,7 @@ def write_summary(out: pathlib.Path, rows, env, command: str, wall_s: float) -> 
         "",
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s.  ",
-        f"Machine: {env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), "
-        f"python {env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}.",
+        f"Machine: {timing.describe_machine(env)}.",
         "",
         "Models: MLP 784-512-512-10 and CNN conv32-pool-conv64-pool-dense128, Adam lr 1e-3, 28x28x1 float32 "
         "inputs. All figures in MiB.",

@@ -449,9 +449,8 @@ def write_summary(path, results, goal_list, env, command, wall_s, args, plot_not
         "# peers: graphduo against PyTorch (eager and torch.compile)", "",
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s; {args.rounds} interleaved round(s) per workload.  ",
-        f"Machine: {env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), torch "
-        f"{env['torch']} with torch.set_num_threads({env['torch_threads']}) (the machine's core count), python "
-        f"{env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}.  ",
+        f"Machine: {timing.describe_machine(env)}; torch {env['torch']} with "
+        f"torch.set_num_threads({env['torch_threads']}) (the machine's core count).  ",
         f"Matmul peak (`graphduo.timing.matmul_peak_flops`): {env['matmul_peak_flops_start'] / 1e9:.1f} GFLOP/s at "
         f"the start, {env['matmul_peak_flops_end'] / 1e9:.1f} at the end; fractions use the larger.",
         "", "## Step times", "", markdown_table(HEADER, table_rows(results)), "",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from typing import Any
 
@@ -10,12 +9,10 @@ import jax
 import numpy as np
 
 from graphduo import timing
-from graphduo.config import Config
+from graphduo.config import MODES, Config
 from graphduo.data import epoch_batches
 from graphduo.step import create_train_state
 from graphduo.train import prepare, wrap_steps
-
-MODES = ("eager", "traced")
 
 # Both modes run the same float32 arithmetic, but XLA fuses and reorders it, so results differ by
 # rounding (~1e-7 relative per op); over hundreds of Adam steps that grows to ~1e-5..1e-4 in the
@@ -112,9 +109,3 @@ def format_table(result: dict[str, Any]) -> str:
         f"(difference {result['loss_diff']:.3g})",
     ]
     return "\n".join(lines)
-
-
-def compare_config(**overrides) -> Config:
-    """The config ``compare`` uses: the training defaults, 200 steps."""
-    overrides.setdefault("steps", 200)
-    return dataclasses.replace(Config(), **overrides)

@@ -29,9 +29,8 @@ _NOT_KERNELS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*([^ ]+)\s+([\w\-]+)\(")
 
 
-def hlo_instructions(text: str) -> list[tuple[str, str, str]]:
-    """``(computation, name, opcode)`` of every instruction in HLO text."""
-    out = []
+def _parse(text: str):
+    """``(computation, name, shape, opcode, line)`` for every instruction in HLO text."""
     computation = ""
     for line in text.splitlines():
         stripped = line.strip()
@@ -40,8 +39,12 @@ def hlo_instructions(text: str) -> list[tuple[str, str, str]]:
             continue
         match = _INSTRUCTION.match(line)
         if match:
-            out.append((computation, match.group(2), match.group(4)))
-    return out
+            yield computation, match.group(2), match.group(3), match.group(4), line
+
+
+def hlo_instructions(text: str) -> list[tuple[str, str, str]]:
+    """``(computation, name, opcode)`` of every instruction in HLO text."""
+    return [(comp, name, op) for comp, name, _, op, _ in _parse(text)]
 
 
 def _entry_name(text: str) -> str:
@@ -89,21 +92,10 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
 def hlo_to_dot(text: str) -> str:
     """The optimized entry computation as a Graphviz DOT graph: kernels as boxes, data as edges."""
     entry = _entry_name(text)
-    names = {name for comp, name, _ in hlo_instructions(text) if comp == entry}
+    instructions = [i for i in _parse(text) if i[0] == entry]
+    names = {name for _, name, _, _, _ in instructions}
     lines = ["digraph step {", "  rankdir=TB; node [shape=box, fontsize=10];"]
-    computation = ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("ENTRY"):
-            computation = entry
-            continue
-        if stripped.endswith("{") and "=" not in stripped.split("(")[0]:
-            computation = ""
-            continue
-        match = _INSTRUCTION.match(line)
-        if not match or computation != entry:
-            continue
-        name, shape, opcode = match.group(2), match.group(3), match.group(4)
+    for _, name, shape, opcode, line in instructions:
         style = ', style=filled, fillcolor="#cfe2ff"' if opcode == "fusion" else ""
         lines.append(f'  "{name}" [label="{opcode}\\n{shape[:40]}"{style}];')
         operands = line[line.index(opcode + "(") + len(opcode) + 1:]

@@ -123,6 +123,12 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
 
 
+def describe_machine(env: dict[str, Any]) -> str:
+    """One line naming what ``environment()`` recorded, for the summaries results come with."""
+    return (f"{env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), "
+            f"python {env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}")
+
+
 def environment() -> dict[str, Any]:
     """What a figure was measured on: versions, backend, device and CPU, XLA flags."""
     import jaxlib
