@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graphduo import timing
+from graphduo import runtime, timing
 from graphduo.eager import EagerStep
 from graphduo.models import build_model, count_params
 from graphduo.step import create_train_state, make_optimizer, make_train_step
@@ -462,6 +462,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    runtime.set_cpu_convolutions()  # before any JAX computation, as graphduo's CLI does
     if args.cache_child:
         cache_child(args.cache_child)
         return

@@ -295,6 +295,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from graphduo import runtime
+
+    runtime.set_cpu_convolutions()  # inherited by the child processes through XLA_FLAGS
     settings = dict(QUICK if args.quick else FULL)
     if args.steps is not None:
         settings["steps"] = args.steps

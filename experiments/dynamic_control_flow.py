@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graphduo import timing
+from graphduo import runtime, timing
 from graphduo.eager import EagerStep
 from graphduo.traced import TracedStep, TracingError
 
@@ -389,6 +389,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    runtime.set_cpu_convolutions()  # before any JAX computation, as graphduo's CLI does
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()

@@ -50,7 +50,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from graphduo import timing
+from graphduo import runtime, timing
 from graphduo.eager import EagerStep
 from graphduo.models import build_model
 from graphduo.step import create_train_state, make_optimizer, make_train_step
@@ -342,6 +342,7 @@ def replot(out: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    runtime.set_cpu_convolutions()  # before any JAX computation, as graphduo's CLI does
     if args.replot:
         replot(args.out)
         return

@@ -49,8 +49,9 @@ import jax
 import jax.extend.core as jex_core
 import numpy as np
 
-from graphduo import timing
+from graphduo import runtime, timing
 from graphduo.eager import EagerStep
+from graphduo.graphs import run_equation
 from graphduo.models import build_model, count_params
 from graphduo.step import create_train_state, make_optimizer, make_train_step
 from graphduo.traced import TracedStep
@@ -139,7 +140,7 @@ def eager_memory(model, tx, state, batch, keep_trace: bool = False) -> dict[str,
     peak, peak_op, trace, all_intermediate = 0, None, [], 0
     for i, eqn in enumerate(jaxpr.eqns):
         args = [read(v) for v in eqn.invars]
-        out = eqn.primitive.bind(*args, **eqn.params)
+        out = run_equation(eqn, args)
         jax.block_until_ready(out)
         outs = out if eqn.primitive.multiple_results else [out]
         for var, val in zip(eqn.outvars, outs):
@@ -347,6 +348,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    runtime.set_cpu_convolutions()  # before any JAX computation, as graphduo's CLI does
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()

@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graphduo import timing
+from graphduo import runtime, timing
 from graphduo.eager import EagerStep
 from graphduo.graphs import inspect_eager
 from graphduo.models import build_model
@@ -532,6 +532,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    runtime.set_cpu_convolutions()  # before any JAX computation, as graphduo's CLI does
     torch = need_torch()
     torch.set_num_threads(os.cpu_count() or 1)
     # torch.compile's first step must include a real compile, not a hit in inductor's on-disk cache

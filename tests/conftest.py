@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 
 import graphduo
+import graphduo.runtime
+
+# The suite runs what users run: graphduo's entry points pick XLA:CPU's Eigen convolutions.
+graphduo.runtime.set_cpu_convolutions("eigen")
 
 # Four virtual CPU devices, so data-parallel code is tested without accelerators. Set before any
 # test touches a JAX backend; single-device tests use the first.

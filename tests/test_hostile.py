@@ -6,6 +6,8 @@ Never a raw traceback, a hang, or a half-written run directory.
 import gzip
 import pathlib
 import pickle
+import subprocess
+import sys
 import tempfile
 
 import jax.numpy as jnp
@@ -159,9 +161,12 @@ def test_nan_inputs_give_a_nan_loss_and_debug_nans_names_the_op(capsys, tmp_path
     x = np.full((2, 4, 4, 1), np.nan, np.float32)
     _, metrics = EagerStep(make_train_step(model.apply, tx))(state, {"image": x, "label": np.zeros(2, np.int32)})
     assert np.isnan(metrics["loss"])
-    code, out, err = _run(capsys, ["train", "--quiet", "--model", "mlp", "--optimizer", "sgd", "--lr", "1e6",
-                                   "--steps", "50", "--debug-nans", "--run-dir", str(tmp_path / "run")])
-    jax.config.update("jax_debug_nans", False)
+    # In a fresh process, as users run it: jax_debug_nans is a process-wide switch, and in this
+    # long-lived test process executables cached by earlier tests were seen to skip its check.
+    proc = subprocess.run([sys.executable, "-m", "graphduo", "train", "--quiet", "--model", "mlp", "--optimizer",
+                           "sgd", "--lr", "1e6", "--steps", "50", "--debug-nans", "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    code, err = proc.returncode, proc.stderr
     assert code == 1
     assert err.strip().splitlines()[-1].startswith("graphduo train: error: invalid value (nan) encountered in ")
     assert err.strip().endswith("(found by --debug-nans)")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from graphduo.models import build_model, count_params, max_pool_2x2
+from graphduo.models import build_model, conv_same, count_params, max_pool_2x2
 from graphduo.step import cross_entropy
 
 # float32 matmuls and convolutions summed in a different order differ by a few ulps per output;
@@ -61,6 +61,68 @@ def test_equivalence_check_can_fail():
 def test_max_pool_matches_reduce_window():
     x = _inputs((9, 6, 3), n=2)
     np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+
+
+def _tied(shape, n=2, seed=3):
+    """Values in {0, 1, 2}: most 2x2 windows hold a tie for their maximum."""
+    return jnp.floor(jax.random.uniform(jax.random.key(seed), (n, *shape)) * 3.0)
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 3), (9, 7, 2)], ids=["even", "odd-edges"])
+def test_max_pool_gradient_matches_reduce_window_with_ties(shape):
+    """Each window's gradient goes to its first maximum, as ``lax.reduce_window``'s does: exactly."""
+    x = _tied(shape)
+    ct = jax.random.normal(jax.random.key(4), max_pool_2x2(x).shape)
+    want = jax.vjp(lambda v: nn.max_pool(v, (2, 2), strides=(2, 2)), x)[1](ct)[0]
+    got = jax.vjp(max_pool_2x2, x)[1](ct)[0]
+    np.testing.assert_array_equal(got, want)
+    # Negative control: JAX's gradient of a plain max splits ties, which the same check rejects.
+    split = jax.vjp(lambda v: v[:, :shape[0] // 2 * 2, :shape[1] // 2 * 2].reshape(
+        2, shape[0] // 2, 2, shape[1] // 2, 2, shape[2]).max(axis=(2, 4)), x)[1](ct)[0]
+    assert not np.allclose(split, want)
+
+
+def test_cnn_gradients_match_flax_on_inputs_with_ties():
+    """Digit-like inputs (exact zeros around the strokes) and zero-initialised biases make many
+    conv outputs exactly 0 and many pooling ties; the gradients must still be Flax's."""
+    model = build_model("cnn", (28, 28, 1), 10)
+    params = model.init(jax.random.key(0))
+    u = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
+    x, y = jnp.where(u < 0.6, 0.0, u), jnp.arange(8) % 10
+    want = jax.grad(lambda p: cross_entropy(model.module.apply({"params": p}, x), y))(params)
+    got = jax.grad(lambda p: cross_entropy(model.apply(p, x), y))(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+    # Negative control: the same block with ReLU as jnp.maximum (gradient 1/2 at 0) and JAX's
+    # tie-splitting max is a different function at ties, and the same check catches it.
+    def splitting(p, v):
+        for i in range(2):
+            c = p[f"Conv_{i}"]
+            v = jax.lax.conv_general_dilated(v, c["kernel"], (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC")) + c["bias"]
+            n, h, w, ch = v.shape
+            v = jnp.maximum(v.reshape(n, h // 2, 2, w // 2, 2, ch).max(axis=(2, 4)), 0.0)
+        v = jnp.maximum(v.reshape(v.shape[0], -1) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"], 0.0)
+        return v @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+    bad = jax.grad(lambda p: cross_entropy(splitting(p, x), y))(params)
+    assert not all(np.allclose(g, w, rtol=1e-4, atol=1e-6)
+                   for g, w in zip(jax.tree.leaves(bad), jax.tree.leaves(want)))
+
+
+def test_single_channel_convolution_matches_lax():
+    """The one-input-channel convolution (shifted multiply-adds) against ``lax.conv``: outputs
+    and both gradients, for a 3x3 and an even 4x2 kernel (asymmetric SAME padding)."""
+    for kshape in [(3, 3, 1, 5), (4, 2, 1, 3)]:
+        x = _inputs((7, 6, 1), n=3)
+        k = jax.random.normal(jax.random.key(5), kshape)
+        ref = lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), "SAME",
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        np.testing.assert_allclose(conv_same(x, k), ref(x, k), rtol=RTOL, atol=ATOL)
+        ct = jax.random.normal(jax.random.key(6), ref(x, k).shape)
+        for g, w in zip(jax.vjp(conv_same, x, k)[1](ct), jax.vjp(ref, x, k)[1](ct)):
+            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
 
 
 def test_param_count_of_default_models():

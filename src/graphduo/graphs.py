@@ -143,6 +143,13 @@ def _phase(eqn) -> str:
     return "update+metrics"
 
 
+def run_equation(eqn, args):
+    """Run one jaxpr equation eagerly, as ``jax.core.eval_jaxpr`` does: custom-derivative calls
+    (``jax.nn.relu``, graphduo's pooling) get their function arguments back before binding."""
+    with eqn.ctx.manager:
+        return eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
+
+
 def _replay(closed, inputs) -> list[dict[str, Any]]:
     env: dict[Any, Any] = dict(zip(closed.jaxpr.constvars, closed.consts))
     env.update(zip(closed.jaxpr.invars, inputs))
@@ -154,7 +161,7 @@ def _replay(closed, inputs) -> list[dict[str, Any]]:
     for eqn in closed.jaxpr.eqns:
         args = [read(v) for v in eqn.invars]
         t0 = time.perf_counter()
-        out = eqn.primitive.bind(*args, **eqn.params)
+        out = run_equation(eqn, args)
         jax.block_until_ready(out)
         elapsed = time.perf_counter() - t0
         env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))

@@ -60,40 +60,130 @@ def _dense(layer, x):
     return x @ layer["kernel"] + layer["bias"]
 
 
+def relu(x: jax.Array) -> jax.Array:
+    """ReLU with ``nn.relu``'s gradient, 0 at 0 (``jnp.maximum(x, 0)``'s is 1/2 there, which makes
+    zero inputs, common in images, train differently from the Flax definition), in plain ops:
+    with ``jax.nn.relu`` (a ``custom_jvp``) inside a jitted step, ``jax_debug_nans`` let a NaN
+    loss through unreported (jax 0.10.2). NaN in, NaN out."""
+    return x * (x > 0).astype(x.dtype)
+
+
 def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
     """``MLP.apply`` as plain ``jnp`` on the same parameter tree."""
     n = len(params)
     x = x.reshape((x.shape[0], -1))
     for i in range(n - 1):
-        x = jnp.maximum(_dense(params[f"Dense_{i}"], x), 0.0)
+        x = relu(_dense(params[f"Dense_{i}"], x))
     return _dense(params[f"Dense_{n - 1}"], x)
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pooling, stride 2, VALID (odd edges dropped), as a reshape and a max.
+# --- The CNN's building blocks, written for XLA:CPU (see experiments/RESULTS.md, "The CNN step").
+# Each computes what the Flax layer computes, outputs and gradients (tests/test_models.py), ties
+# included; they differ only in how XLA is asked to do it.
 
-    Same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``. The reshape form lowers to a
-    plain reduction whose gradient is a cheap select, where ``lax.reduce_window``'s gradient
-    is a ``select_and_scatter`` that XLA:CPU runs slowly.
+
+def _window_first_max(x6: jax.Array, m: jax.Array) -> jax.Array:
+    """Mask of the first maximum, in row-major window order, of each 2x2 window.
+
+    ``x6``: (N, H/2, 2, W/2, 2, C) windows; ``m``: (N, H/2, W/2, C) their maxima. The first maximum
+    is the element ``lax.reduce_window``'s gradient (XLA's select-and-scatter with ``>=``) picks.
+    """
+    eq = x6 == m[:, :, None, :, None, :]
+    top_row_has_max = jnp.any(eq[:, :, :1], axis=4, keepdims=True)
+    left_col_is_max = eq[:, :, :, :, :1]
+    row = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 1, 1), 2)
+    col = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, 1, 2, 1), 4)
+    earlier = ((row == 1) & top_row_has_max) | ((col == 1) & left_col_is_max)
+    return eq & ~earlier
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pooling, stride 2, VALID (odd edges dropped): ``nn.max_pool(x, (2, 2), strides=(2, 2))``.
+
+    Same values and same gradient as Flax's (which is ``lax.reduce_window``): the gradient of each
+    window goes to its first maximum. Forward as a reshape and a max; backward as one elementwise
+    select. ``reduce_window``'s own gradient is a ``select_and_scatter`` that XLA:CPU runs ~2x
+    slower than this whole step, and JAX's gradient of a plain ``max`` splits ties.
     """
     n, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2, :]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return x[:, : h // 2 * 2, : w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+    m = max_pool_2x2(x)
+    return m, (x, m)
+
+
+def _max_pool_bwd(res, g):
+    x, m = res
+    n, h, w, c = x.shape
+    x6 = x[:, : h // 2 * 2, : w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c)
+    dx = jnp.where(_window_first_max(x6, m), g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+    dx = dx.reshape(n, h // 2 * 2, w // 2 * 2, c)
+    if dx.shape != x.shape:  # odd edges: their gradient is 0
+        dx = jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0)))
+    return (dx,)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``nn.Conv(padding="SAME")`` without bias: NHWC input, HWIO kernel, stride 1."""
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def _conv_same_single_channel(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``_conv_same`` for one input channel, as kh*kw shifted multiply-adds (one XLA loop fusion).
+
+    A convolution with one input channel is all memory traffic and no reuse: XLA:CPU's library
+    convolutions take 3-8 ms for it at batch 256 on 28x28, the fused multiply-adds ~1 ms. The
+    gradient is the ordinary convolution gradient.
+    """
+    kh, kw = kernel.shape[:2]
+    (top, bottom), (left, right) = jax.lax.padtype_to_pads((kh, kw), (kh, kw), (1, 1), "SAME")
+    n, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            term = xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+_conv_same_single_channel.defvjp(
+    lambda x, kernel: (_conv_same_single_channel(x, kernel), (x, kernel)),
+    lambda res, g: jax.vjp(_conv_same, *res)[1](g),
+)
+
+
+def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``nn.Conv(padding="SAME", use_bias=False)``, choosing the formulation XLA:CPU runs fastest."""
+    if x.shape[-1] == 1:
+        return _conv_same_single_channel(x, kernel)
+    return _conv_same(x, kernel)
 
 
 def cnn_apply(params: Params, x: jax.Array) -> jax.Array:
-    """``CNN.apply`` as plain ``jnp``/``lax`` on the same parameter tree."""
+    """``CNN.apply`` as plain ``jnp``/``lax`` on the same parameter tree.
+
+    Flax's order per block is ``conv + bias -> ReLU -> max-pool``; this computes
+    ``ReLU(max-pool(conv) + bias)``, the same outputs: max-pooling commutes with adding a
+    per-channel constant (float rounding is monotone, so even rounded values agree) and with
+    ReLU (monotone). Gradients agree too, ties included (each window's gradient goes to its first
+    maximum, and ReLU's gradient is 0 at 0), except where rounding ``conv + bias`` turns two
+    different values into a tie: then Flax may pick the other one of the pair. Bias and ReLU
+    touch 4x fewer values this way.
+    """
     n_conv = sum(name.startswith("Conv_") for name in params)
     for i in range(n_conv):
         layer = params[f"Conv_{i}"]
-        x = jax.lax.conv_general_dilated(
-            x, layer["kernel"], window_strides=(1, 1), padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        ) + layer["bias"]
-        # max-pool then ReLU: both are monotone, so they commute, and ReLU runs on 4x fewer values.
-        x = jnp.maximum(max_pool_2x2(x), 0.0)
+        x = relu(max_pool_2x2(conv_same(x, layer["kernel"])) + layer["bias"])
     x = x.reshape((x.shape[0], -1))
-    x = jnp.maximum(_dense(params["Dense_0"], x), 0.0)
+    x = relu(_dense(params["Dense_0"], x))
     return _dense(params["Dense_1"], x)
 
 

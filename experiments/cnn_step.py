@@ -1,0 +1,229 @@
+"""The CNN step on XLA:CPU: which formulation and which convolution library make it fast.
+
+The finding behind graphduo's CNN defaults (experiments/RESULTS.md, "The CNN step"), kept
+reproducible. It times the default CNN's traced Adam training step (conv32-pool-conv64-pool-dense128
+on 28x28x1, 10 classes) in a 3 x 2 design, all cells from the same initial weights on the same batch:
+
+formulations (all compute the same function, see tests/test_models.py):
+* ``flax``:           ``model.module.apply``: Flax's ``nn.Conv`` -> ``nn.relu`` -> ``nn.max_pool``.
+* ``graphduo-lax``:   graphduo's block, ``relu(max_pool_2x2(conv) + bias)`` with the first-maximum
+                      pooling gradient, but every convolution a plain ``lax.conv_general_dilated``.
+* ``graphduo``:       ``graphduo.models.cnn_apply`` as shipped: the above, plus the one-input-channel
+                      first convolution as shifted multiply-adds.
+
+convolution libraries (``graphduo.runtime.set_cpu_convolutions``; XLA reads its flags once per
+process, so each runs in its own child process):
+* ``xla``:   this jaxlib's default (jax 0.10: YNNPACK);
+* ``eigen``: XLA's Eigen convolutions (graphduo's default).
+
+How: children alternate (xla, eigen, xla, ...), one round each; in a round every formulation is
+compiled once and timed with ``graphduo.timing.time_steps`` (first step apart, warm-up, each step run
+to completion), in an order that flips each round. A cell's figure is the median over rounds of its
+per-round median; a ratio is the median of per-round ratios against ``flax`` under ``xla`` convolutions
+measured in the neighbouring child. Each child also trains every formulation 3 steps from the same
+weights; the losses of all six cells must agree (relative 1e-4, float32 summation order).
+
+Run:
+    python experiments/cnn_step.py            # batch 256, 3 rounds, about 3 minutes
+    python experiments/cnn_step.py --quick    # smoke test: batch 32, 1 round, under a minute
+    python experiments/cnn_step.py --batch-size 64 --rounds 5 --out DIR
+
+Writes ``DIR/results.json`` (every per-round time, losses, the environment of each child) and
+``DIR/SUMMARY.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "cnn_step"
+FORMULATIONS = ("flax", "graphduo-lax", "graphduo")
+CONVOLUTIONS = ("xla", "eigen")
+CHECK_STEPS = 3
+LOSS_RTOL = 1e-4
+MARKER = "CNN_STEP_RESULT "
+
+
+# ---------------------------------------------------------------------------------------------
+# Child: one convolution library, every formulation, one round.
+
+def _apply_fns(model):
+    from graphduo import models
+
+    def lax_convs(params, x):
+        for i in range(sum(name.startswith("Conv_") for name in params)):
+            layer = params[f"Conv_{i}"]
+            x = models.relu(models.max_pool_2x2(models._conv_same(x, layer["kernel"])) + layer["bias"])
+        x = models.relu(models._dense(params["Dense_0"], x.reshape((x.shape[0], -1))))
+        return models._dense(params["Dense_1"], x)
+
+    return {"flax": lambda params, x: model.module.apply({"params": params}, x),
+            "graphduo-lax": lax_convs,
+            "graphduo": models.cnn_apply}
+
+
+def child(convolutions: str, batch_size: int, steps: int, reverse: bool) -> dict:
+    from graphduo import runtime
+
+    note = runtime.set_cpu_convolutions(convolutions)
+    import jax
+    import numpy as np
+
+    from graphduo import timing
+    from graphduo.models import build_model
+    from graphduo.step import create_train_state, make_optimizer, make_train_step
+    from graphduo.traced import TracedStep
+
+    model = build_model("cnn", (28, 28, 1), 10)
+    tx = make_optimizer("adam", 1e-3)
+    rng = np.random.default_rng(0)
+    u = rng.random((batch_size, 28, 28, 1), dtype=np.float32)
+    batch = jax.device_put({"image": np.where(u < 0.6, 0.0, u).astype(np.float32),  # digit-like zeros
+                            "label": rng.integers(0, 10, batch_size).astype(np.int32)})
+    out = {"convolutions": convolutions, "note": note, "environment": timing.environment(), "cells": {}}
+    names = FORMULATIONS[::-1] if reverse else FORMULATIONS
+    for name in names:
+        step = TracedStep(make_train_step(_apply_fns(model)[name], tx), donate_argnums=0)
+        state = create_train_state(model, tx, jax.random.key(0))
+        losses = []
+        for _ in range(CHECK_STEPS):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        state, _, times = timing.time_steps(step, state, [batch] * (steps + 3), warmup=2)
+        out["cells"][name] = {"losses": losses, "median_ms": times.median_ms, "p10_ms": times.p10_ms,
+                              "p90_ms": times.p90_ms, "compile_s": step.compile_time_s}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: alternate children, collect, compare, write.
+
+def run_child(convolutions: str, args, reverse: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each child chooses for itself
+    cmd = [sys.executable, __file__, "--child", convolutions, "--batch-size", str(args.batch_size),
+           "--steps", str(args.steps)] + (["--reverse"] if reverse else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"cnn_step: child ({convolutions}) failed with status {proc.returncode}: "
+                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER))
+    return json.loads(line[len(MARKER):])
+
+
+def analyse(rounds: list[dict[str, dict]]) -> dict:
+    cells = {}
+    for conv in CONVOLUTIONS:
+        for name in FORMULATIONS:
+            per_round = [r[conv]["cells"][name]["median_ms"] for r in rounds]
+            speedups = [r["xla"]["cells"]["flax"]["median_ms"] / r[conv]["cells"][name]["median_ms"] for r in rounds]
+            cells[f"{name}|{conv}"] = {"formulation": name, "convolutions": conv,
+                                       "median_ms": statistics.median(per_round), "rounds_ms": per_round,
+                                       "speedup_vs_flax_xla": statistics.median(speedups),
+                                       "speedup_range": [min(speedups), max(speedups)]}
+    losses = [c["losses"] for r in rounds for conv in CONVOLUTIONS for c in r[conv]["cells"].values()]
+    ref = losses[0]
+    worst = max(abs(a - b) / abs(b) for ls in losses for a, b in zip(ls, ref))
+    return {"cells": cells, "loss_check": {"max_rel_diff": worst, "tolerance": LOSS_RTOL, "ok": worst <= LOSS_RTOL}}
+
+
+def format_table(cells: dict) -> list[str]:
+    rows = ["| formulation | convolutions | median ms/step | per round | speedup vs flax+xla [range] |",
+            "|---|---|---|---|---|"]
+    for c in cells.values():
+        lo, hi = c["speedup_range"]
+        rows.append(f"| {c['formulation']} | {c['convolutions']} | {c['median_ms']:.1f} | "
+                    f"{', '.join(f'{t:.1f}' for t in c['rounds_ms'])} | {c['speedup_vs_flax_xla']:.2f}x "
+                    f"[{lo:.2f}-{hi:.2f}] |")
+    return rows
+
+
+def write_summary(path: pathlib.Path, result: dict, args, command: str, wall_s: float) -> None:
+    from graphduo.timing import describe_machine
+
+    env = result["rounds"][0]["eigen"]["environment"]
+    check = result["analysis"]["loss_check"]
+    cells = result["analysis"]["cells"]
+    best = min(cells.values(), key=lambda c: c["median_ms"])
+    lines = [
+        "# cnn_step: the CNN's traced training step, by formulation and convolution library", "",
+        f"Command: `{command}`  ",
+        f"Wall time: {wall_s:.0f} s; batch {args.batch_size}; {args.rounds} round(s) per library, "
+        f"{args.steps} timed steps per cell per round.  ",
+        f"Machine: {describe_machine(env)} (the eigen children; the xla children ran without XLA_FLAGS).", "",
+        *format_table(cells), "",
+        f"Fastest: {best['formulation']} with {best['convolutions']} convolutions, {best['median_ms']:.1f} ms, "
+        f"{best['speedup_vs_flax_xla']:.2f}x the plain Flax step on this jaxlib's default convolutions.", "",
+        f"Same function: losses of the first {CHECK_STEPS} steps from the same weights, all six cells: max "
+        f"relative difference {check['max_rel_diff']:.1e} (tolerance {check['tolerance']:g}): "
+        f"{'ok' if check['ok'] else 'MISMATCH'}.", "",
+        "flax: `nn.Conv -> nn.relu -> nn.max_pool`; graphduo-lax: `relu(max_pool_2x2(conv) + bias)` with "
+        "the first-maximum pooling gradient and `lax` convolutions; graphduo: `graphduo.models.cnn_apply` "
+        "(also the one-channel first convolution as multiply-adds). xla: jaxlib's default convolutions "
+        "(YNNPACK in jax 0.10); eigen: `graphduo.runtime.set_cpu_convolutions(\"eigen\")`.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time the default CNN's traced training step for three formulations of the same model "
+                    "under XLA:CPU's default and Eigen convolutions; check all reach the same losses.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke test: batch 32, 1 round, 5 timed steps")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="folder for the results")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 256; --quick: 32)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per library (default 3; --quick: 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per cell per round (default 15; "
+                                                                "--quick: 5)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds a child may take")
+    parser.add_argument("--child", choices=CONVOLUTIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--reverse", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name, quick, full in (("batch_size", 32, 256), ("rounds", 1, 3), ("steps", 5, 15)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    for name in ("batch_size", "rounds", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(MARKER + json.dumps(child(args.child, args.batch_size, args.steps, args.reverse)), flush=True)
+        return
+    from graphduo.timing import command_line
+
+    command, t0 = command_line(argv), time.perf_counter()
+    rounds = []
+    for r in range(args.rounds):
+        order = CONVOLUTIONS if r % 2 == 0 else CONVOLUTIONS[::-1]
+        rounds.append({conv: run_child(conv, args, reverse=r % 2 == 1) for conv in order})
+        print(f"[cnn_step] round {r + 1}/{args.rounds}: " + "  ".join(
+            f"{n}|{c} {rounds[-1][c]['cells'][n]['median_ms']:.1f}" for c in CONVOLUTIONS for n in FORMULATIONS)
+            + " ms", file=sys.stderr)
+    result = {"command": command, "batch_size": args.batch_size, "rounds": rounds, "analysis": analyse(rounds)}
+    wall_s = time.perf_counter() - t0
+    result["wall_s"] = wall_s
+    print("\n".join(format_table(result["analysis"]["cells"])))
+    check = result["analysis"]["loss_check"]
+    print(f"loss check: max relative difference {check['max_rel_diff']:.1e} ({'ok' if check['ok'] else 'MISMATCH'})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_summary(args.out / "SUMMARY.md", result, args, command, wall_s)
+    print(f"wall time {wall_s:.0f} s; wrote {args.out / 'results.json'} and {args.out / 'SUMMARY.md'}",
+          file=sys.stderr)
+    if not check["ok"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

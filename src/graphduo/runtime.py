@@ -1,0 +1,78 @@
+"""XLA settings read once, when JAX starts its CPU backend. Entry points apply them, libraries don't.
+
+One setting lives here: which library runs XLA:CPU's convolutions. jaxlib 0.10 hands them to
+YNNPACK by default; XLA's older Eigen path runs the CNN's convolutions, and above all their
+gradients, 2-4x faster on the CPUs measured (experiments/RESULTS.md, "The CNN step": the default
+CNN's traced training step at batch 256 went from ~200 to ~70 ms). The choice is an ``XLA_FLAGS``
+entry, so it covers eager ops and compiled steps alike, and the eager-vs-traced comparison stays
+like for like.
+
+``graphduo train|compare|inspect`` (``--cpu-convolutions``), the experiment scripts and the test
+suite call :func:`set_cpu_convolutions` before any JAX computation. A program using graphduo as a
+library calls it the same way, first thing::
+
+    import graphduo.runtime
+    graphduo.runtime.set_cpu_convolutions("eigen")
+"""
+
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+import pathlib
+
+CPU_CONVOLUTIONS = ("eigen", "xla")
+"""``eigen``: XLA's Eigen convolutions (graphduo's default); ``xla``: whatever this jaxlib picks."""
+
+_YNN_TYPES = "xla_cpu_experimental_ynn_fusion_type"
+EIGEN_FLAG = f"--{_YNN_TYPES}=-individual_convolution"
+"""Removes convolutions from the ops XLA:CPU gives to YNNPACK; they fall back to Eigen."""
+
+
+@functools.cache
+def _jaxlib_knows(flag_name: str) -> bool:
+    """Whether this jaxlib's XLA registers ``flag_name``. An unknown name in ``XLA_FLAGS`` aborts
+    the process when the backend starts, so a flag is only ever added once its name is found in
+    the library that parses it."""
+    import jaxlib
+
+    for lib in sorted(pathlib.Path(jaxlib.__file__).parent.glob("*.so"), key=lambda p: -p.stat().st_size):
+        if lib.stat().st_size < (1 << 20):
+            continue
+        with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m.find(flag_name.encode()) >= 0:
+                return True
+    return False
+
+
+def _backend_started() -> bool:
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
+def set_cpu_convolutions(choice: str = "eigen", environ: dict[str, str] | None = None) -> str:
+    """Pick the library behind XLA:CPU's convolutions; returns a one-line account of what it did.
+
+    Only ever adds to ``XLA_FLAGS``, and only when it can take effect: the backend has not started,
+    the user's ``XLA_FLAGS`` say nothing about YNNPACK fusions (theirs wins), and this jaxlib knows
+    the flag. ``choice="xla"`` changes nothing.
+    """
+    if choice not in CPU_CONVOLUTIONS:
+        raise ValueError(f"unknown CPU convolution choice {choice!r}: choose one of {', '.join(CPU_CONVOLUTIONS)}")
+    environ = os.environ if environ is None else environ
+    flags = environ.get("XLA_FLAGS", "")
+    if choice == "xla":
+        return "XLA:CPU convolutions: this jaxlib's default"
+    if _YNN_TYPES in flags:
+        return f"XLA:CPU convolutions: as XLA_FLAGS sets them ({flags.strip()})"
+    if EIGEN_FLAG in flags:
+        return "XLA:CPU convolutions: Eigen"
+    if not _jaxlib_knows(_YNN_TYPES):
+        return "XLA:CPU convolutions: this jaxlib's default (it has no YNNPACK choice to change)"
+    if _backend_started():
+        return ("XLA:CPU convolutions: this jaxlib's default (JAX had already started; call "
+                "graphduo.runtime.set_cpu_convolutions before any JAX computation)")
+    environ["XLA_FLAGS"] = f"{flags} {EIGEN_FLAG}".strip()
+    return "XLA:CPU convolutions: Eigen"
