@@ -39,6 +39,7 @@ Writes ``DIR/results.json`` (every per-round time, ratio and goal, plus the envi
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import gc
 import json
@@ -473,7 +474,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runtime.set_cpu_convolutions()  # before any JAX computation, as graphduo's CLI does
+    os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # before any JAX computation, as the CLI
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()

@@ -11,7 +11,7 @@ formulations (all compute the same function, see tests/test_models.py):
 * ``graphduo``:       ``graphduo.models.cnn_apply`` as shipped: the above, plus the one-input-channel
                       first convolution as shifted multiply-adds.
 
-convolution libraries (``graphduo.runtime.set_cpu_convolutions``; XLA reads its flags once per
+convolution libraries (``graphduo.runtime.cpu_convolution_flags``; XLA reads its flags once per
 process, so each runs in its own child process):
 * ``xla``:   this jaxlib's default (jax 0.10: YNNPACK);
 * ``eigen``: XLA's Eigen convolutions (graphduo's default).
@@ -72,7 +72,7 @@ def _apply_fns(model):
 def child(convolutions: str, batch_size: int, steps: int, reverse: bool) -> dict:
     from graphduo import runtime
 
-    note = runtime.set_cpu_convolutions(convolutions)
+    os.environ["XLA_FLAGS"], note = runtime.cpu_convolution_flags(convolutions)
     import jax
     import numpy as np
 
@@ -166,7 +166,7 @@ def write_summary(path: pathlib.Path, result: dict, args, command: str, wall_s: 
         "flax: `nn.Conv -> nn.relu -> nn.max_pool`; graphduo-lax: `relu(max_pool_2x2(conv) + bias)` with "
         "the first-maximum pooling gradient and `lax` convolutions; graphduo: `graphduo.models.cnn_apply` "
         "(also the one-channel first convolution as multiply-adds). xla: jaxlib's default convolutions "
-        "(YNNPACK in jax 0.10); eigen: `graphduo.runtime.set_cpu_convolutions(\"eigen\")`.",
+        "(YNNPACK in jax 0.10); eigen: `graphduo.runtime.cpu_convolution_flags(\"eigen\")` in XLA_FLAGS.",
     ]
     path.write_text("\n".join(lines) + "\n")
 

@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from graphduo import runtime
 
-    runtime.set_cpu_convolutions()  # inherited by the child processes through XLA_FLAGS
+    os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # inherited by the child processes
     settings = dict(QUICK if args.quick else FULL)
     if args.steps is not None:
         settings["steps"] = args.steps

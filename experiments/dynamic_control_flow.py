@@ -43,6 +43,7 @@ and, when matplotlib is installed, ``DIR/time_per_call.png``.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import pathlib
 import sys
@@ -389,7 +390,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runtime.set_cpu_convolutions()  # before any JAX computation, as graphduo's CLI does
+    os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # before any JAX computation, as the CLI
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()

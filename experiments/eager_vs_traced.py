@@ -40,6 +40,7 @@ reading) and ``DIR/step_time.png`` (step time vs batch, log-log, per model) and 
 from __future__ import annotations
 
 import argparse
+import os
 import gc
 import json
 import pathlib
@@ -342,7 +343,7 @@ def replot(out: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runtime.set_cpu_convolutions()  # before any JAX computation, as graphduo's CLI does
+    os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # before any JAX computation, as the CLI
     if args.replot:
         replot(args.out)
         return

@@ -38,6 +38,7 @@ environment), ``DIR/SUMMARY.md`` (method, tables, reading) and ``DIR/memory.png`
 from __future__ import annotations
 
 import argparse
+import os
 import gc
 import json
 import pathlib
@@ -348,7 +349,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runtime.set_cpu_convolutions()  # before any JAX computation, as graphduo's CLI does
+    os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # before any JAX computation, as the CLI
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()

@@ -532,7 +532,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runtime.set_cpu_convolutions()  # before any JAX computation, as graphduo's CLI does
+    os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # before any JAX computation, as the CLI
     torch = need_torch()
     torch.set_num_threads(os.cpu_count() or 1)
     # torch.compile's first step must include a real compile, not a hit in inductor's on-disk cache

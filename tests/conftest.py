@@ -1,6 +1,8 @@
 """Shared fixtures. Device-count and XLA settings belong here (or in subprocess environments), never
 in library modules."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import graphduo
 import graphduo.runtime
 
 # The suite runs what users run: graphduo's entry points pick XLA:CPU's Eigen convolutions.
-graphduo.runtime.set_cpu_convolutions("eigen")
+os.environ["XLA_FLAGS"] = graphduo.runtime.cpu_convolution_flags("eigen")[0]
 
 # Four virtual CPU devices, so data-parallel code is tested without accelerators. Set before any
 # test touches a JAX backend; single-device tests use the first.

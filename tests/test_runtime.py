@@ -17,50 +17,52 @@ def fresh(monkeypatch):
 
 
 def test_eigen_is_added_to_xla_flags(fresh):
-    env = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
-    assert runtime.set_cpu_convolutions("eigen", env) == "XLA:CPU convolutions: Eigen"
-    assert env["XLA_FLAGS"] == f"--xla_cpu_enable_fast_math=false {runtime.EIGEN_FLAG}"
-    runtime.set_cpu_convolutions("eigen", env)  # idempotent
-    assert env["XLA_FLAGS"].count(runtime.EIGEN_FLAG) == 1
+    flags, note = runtime.cpu_convolution_flags("eigen", "--xla_cpu_enable_fast_math=false")
+    assert note == "XLA:CPU convolutions: Eigen"
+    assert flags == f"--xla_cpu_enable_fast_math=false {runtime.EIGEN_FLAG}"
+    assert runtime.cpu_convolution_flags("eigen", flags) == (flags, note)  # idempotent
+    assert runtime.cpu_convolution_flags("eigen", "")[0] == runtime.EIGEN_FLAG
 
 
 def test_users_own_choice_wins(fresh):
-    env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"}
-    note = runtime.set_cpu_convolutions("eigen", env)
-    assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
-    assert "as XLA_FLAGS sets them" in note
+    mine = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
+    flags, note = runtime.cpu_convolution_flags("eigen", mine)
+    assert flags == mine and "as XLA_FLAGS sets them" in note
 
 
 def test_xla_choice_changes_nothing(fresh):
-    env = {}
-    assert "default" in runtime.set_cpu_convolutions("xla", env)
-    assert env == {}
+    flags, note = runtime.cpu_convolution_flags("xla", "--xla_cpu_enable_fast_math=false")
+    assert flags == "--xla_cpu_enable_fast_math=false" and "default" in note
 
 
 def test_too_late_is_reported_not_applied(monkeypatch):
     monkeypatch.setattr(runtime, "_backend_started", lambda: True)
-    env = {}
-    note = runtime.set_cpu_convolutions("eigen", env)
-    assert env == {} and "before any JAX computation" in note
+    flags, note = runtime.cpu_convolution_flags("eigen", "")
+    assert flags == "" and "before any JAX computation" in note
 
 
 def test_unknown_jaxlib_flag_is_never_added(fresh, monkeypatch):
     """An unknown name in XLA_FLAGS aborts the process, so a jaxlib without it gets nothing."""
     monkeypatch.setattr(runtime, "_jaxlib_knows", lambda name: False)
-    env = {}
-    assert "no YNNPACK choice" in runtime.set_cpu_convolutions("eigen", env)
-    assert env == {}
+    flags, note = runtime.cpu_convolution_flags("eigen", "")
+    assert flags == "" and "no YNNPACK choice" in note
+
+
+def test_this_jaxlib_knows_the_flag():
+    assert runtime._jaxlib_knows("xla_cpu_experimental_ynn_fusion_type")
+    assert not runtime._jaxlib_knows("xla_cpu_no_such_flag_graphduo")
 
 
 def test_unknown_choice_names_the_choices():
     with pytest.raises(ValueError, match="choose one of eigen, xla"):
-        runtime.set_cpu_convolutions("mkl", {})
+        runtime.cpu_convolution_flags("mkl", "")
 
 
 PROBE = textwrap.dedent("""
-    import sys
+    import os, sys
     from graphduo import runtime
-    print(runtime.set_cpu_convolutions(sys.argv[1]), file=sys.stderr)
+    os.environ["XLA_FLAGS"], note = runtime.cpu_convolution_flags(sys.argv[1])
+    print(note, file=sys.stderr)
     import jax, jax.numpy as jnp
     conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     hlo = jax.jit(conv).lower(jnp.ones((16, 14, 14, 32)), jnp.ones((3, 3, 32, 64))).compile().as_text()

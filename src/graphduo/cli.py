@@ -187,9 +187,10 @@ def setup_runtime(config: Config) -> None:
     """
     import jax
 
-    from graphduo.runtime import set_cpu_convolutions
+    from graphduo.runtime import cpu_convolution_flags
 
-    set_cpu_convolutions(config.cpu_convolutions)  # first: XLA reads its flags when the backend starts
+    # First: XLA reads its flags once, when the backend starts.
+    os.environ["XLA_FLAGS"] = cpu_convolution_flags(config.cpu_convolutions)[0]
     if config.debug_nans:
         jax.config.update("jax_debug_nans", True)
     if config.devices is not None:

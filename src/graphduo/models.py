@@ -60,12 +60,14 @@ def _dense(layer, x):
     return x @ layer["kernel"] + layer["bias"]
 
 
+@jax.jit
 def relu(x: jax.Array) -> jax.Array:
     """ReLU with ``nn.relu``'s gradient, 0 at 0 (``jnp.maximum(x, 0)``'s is 1/2 there, which makes
-    zero inputs, common in images, train differently from the Flax definition), in plain ops:
-    with ``jax.nn.relu`` (a ``custom_jvp``) inside a jitted step, ``jax_debug_nans`` let a NaN
-    loss through unreported (jax 0.10.2). NaN in, NaN out."""
-    return x * (x > 0).astype(x.dtype)
+    zero inputs, common in images, train differently from the Flax definition). NaN in, NaN out
+    (``x * (x > 0)`` would not: XLA rewrites it into a select that maps NaN to 0). Plain selects, no
+    custom derivative rule. One ``jax.jit`` function: one dispatched op in eager mode, as
+    ``torch.relu`` is."""
+    return jnp.where(x > 0, x, jnp.where(jnp.isnan(x), x, jnp.zeros((), x.dtype)))
 
 
 def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
@@ -97,33 +99,46 @@ def _window_first_max(x6: jax.Array, m: jax.Array) -> jax.Array:
     return eq & ~earlier
 
 
-@jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pooling, stride 2, VALID (odd edges dropped): ``nn.max_pool(x, (2, 2), strides=(2, 2))``.
-
-    Same values and same gradient as Flax's (which is ``lax.reduce_window``): the gradient of each
-    window goes to its first maximum. Forward as a reshape and a max; backward as one elementwise
-    select. ``reduce_window``'s own gradient is a ``select_and_scatter`` that XLA:CPU runs ~2x
-    slower than this whole step, and JAX's gradient of a plain ``max`` splits ties.
-    """
+@jax.jit
+def _max_pool_values(x):
     n, h, w, c = x.shape
     return x[:, : h // 2 * 2, : w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def _max_pool_fwd(x):
-    m = max_pool_2x2(x)
-    return m, (x, m)
-
-
-def _max_pool_bwd(res, g):
-    x, m = res
+@jax.jit
+def _max_pool_gradient(x, m, g):
     n, h, w, c = x.shape
     x6 = x[:, : h // 2 * 2, : w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c)
     dx = jnp.where(_window_first_max(x6, m), g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
     dx = dx.reshape(n, h // 2 * 2, w // 2 * 2, c)
     if dx.shape != x.shape:  # odd edges: their gradient is 0
         dx = jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0)))
-    return (dx,)
+    return dx
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pooling, stride 2, VALID (odd edges dropped): ``nn.max_pool(x, (2, 2), strides=(2, 2))``.
+
+    Same values and same gradient as Flax's (which is ``lax.reduce_window``): the gradient of each
+    window goes to its first maximum. Forward as a reshape and a max; backward as one elementwise
+    select. ``reduce_window``'s own gradient is a ``select_and_scatter``, with which XLA:CPU ran the
+    whole CNN step ~2x slower, and JAX's gradient of a plain ``max`` splits ties.
+
+    Forward and backward are each one ``jax.jit`` function, so in eager mode each is one dispatched
+    op, as a framework's pooling op is (PyTorch's ``max_pool2d`` and its backward are one kernel
+    each); inside a traced step they are inlined.
+    """
+    return _max_pool_values(x)
+
+
+def _max_pool_fwd(x):
+    m = _max_pool_values(x)
+    return m, (x, m)
+
+
+def _max_pool_bwd(res, g):
+    return (_max_pool_gradient(*res, g),)
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -134,14 +149,8 @@ def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@jax.custom_vjp
-def _conv_same_single_channel(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``_conv_same`` for one input channel, as kh*kw shifted multiply-adds (one XLA loop fusion).
-
-    A convolution with one input channel is all memory traffic and no reuse: XLA:CPU's library
-    convolutions take 3-8 ms for it at batch 256 on 28x28, the fused multiply-adds ~1 ms. The
-    gradient is the ordinary convolution gradient.
-    """
+@jax.jit
+def _single_channel_multiply_adds(x, kernel):
     kh, kw = kernel.shape[:2]
     (top, bottom), (left, right) = jax.lax.padtype_to_pads((kh, kw), (kh, kw), (1, 1), "SAME")
     n, h, w, _ = x.shape
@@ -154,8 +163,20 @@ def _conv_same_single_channel(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return out
 
 
+@jax.custom_vjp
+def _conv_same_single_channel(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``_conv_same`` for one input channel, as kh*kw shifted multiply-adds (one XLA loop fusion).
+
+    A convolution with one input channel is all memory traffic and no reuse: XLA:CPU's library
+    convolutions take 3-8 ms for it at batch 256 on 28x28, the fused multiply-adds ~1 ms. One
+    ``jax.jit`` function, so one dispatched op in eager mode too. The gradient is the ordinary
+    convolution gradient.
+    """
+    return _single_channel_multiply_adds(x, kernel)
+
+
 _conv_same_single_channel.defvjp(
-    lambda x, kernel: (_conv_same_single_channel(x, kernel), (x, kernel)),
+    lambda x, kernel: (_single_channel_multiply_adds(x, kernel), (x, kernel)),
     lambda res, g: jax.vjp(_conv_same, *res)[1](g),
 )
 

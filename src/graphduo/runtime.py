@@ -7,12 +7,11 @@ CNN's traced training step at batch 256 went from ~200 to ~70 ms). The choice is
 entry, so it covers eager ops and compiled steps alike, and the eager-vs-traced comparison stays
 like for like.
 
+This module only computes the setting; entry points apply it, before any JAX computation:
 ``graphduo train|compare|inspect`` (``--cpu-convolutions``), the experiment scripts and the test
-suite call :func:`set_cpu_convolutions` before any JAX computation. A program using graphduo as a
-library calls it the same way, first thing::
-
-    import graphduo.runtime
-    graphduo.runtime.set_cpu_convolutions("eigen")
+suite's ``conftest.py``. A program using graphduo as a library does the same, first thing: it sets
+the environment variable ``XLA_FLAGS`` to ``graphduo.runtime.cpu_convolution_flags("eigen")[0]``
+(README, "As a library").
 """
 
 from __future__ import annotations
@@ -52,27 +51,26 @@ def _backend_started() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
-def set_cpu_convolutions(choice: str = "eigen", environ: dict[str, str] | None = None) -> str:
-    """Pick the library behind XLA:CPU's convolutions; returns a one-line account of what it did.
+def cpu_convolution_flags(choice: str = "eigen", flags: str | None = None) -> tuple[str, str]:
+    """``(XLA_FLAGS value, one-line account)`` that picks the library behind XLA:CPU's convolutions.
 
-    Only ever adds to ``XLA_FLAGS``, and only when it can take effect: the backend has not started,
-    the user's ``XLA_FLAGS`` say nothing about YNNPACK fusions (theirs wins), and this jaxlib knows
-    the flag. ``choice="xla"`` changes nothing.
+    ``flags`` defaults to the current ``XLA_FLAGS``. The value only ever adds to them, and only when
+    the addition can take effect: JAX's backend has not started, the user's flags say nothing about
+    YNNPACK fusions (theirs win), and this jaxlib knows the flag. ``choice="xla"`` changes nothing.
+    Pure: putting the value into the environment is the caller's (an entry point's) job.
     """
     if choice not in CPU_CONVOLUTIONS:
         raise ValueError(f"unknown CPU convolution choice {choice!r}: choose one of {', '.join(CPU_CONVOLUTIONS)}")
-    environ = os.environ if environ is None else environ
-    flags = environ.get("XLA_FLAGS", "")
+    flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
     if choice == "xla":
-        return "XLA:CPU convolutions: this jaxlib's default"
-    if _YNN_TYPES in flags:
-        return f"XLA:CPU convolutions: as XLA_FLAGS sets them ({flags.strip()})"
+        return flags, "XLA:CPU convolutions: this jaxlib's default"
+    if _YNN_TYPES in flags and EIGEN_FLAG not in flags:
+        return flags, f"XLA:CPU convolutions: as XLA_FLAGS sets them ({flags.strip()})"
     if EIGEN_FLAG in flags:
-        return "XLA:CPU convolutions: Eigen"
+        return flags, "XLA:CPU convolutions: Eigen"
     if not _jaxlib_knows(_YNN_TYPES):
-        return "XLA:CPU convolutions: this jaxlib's default (it has no YNNPACK choice to change)"
+        return flags, "XLA:CPU convolutions: this jaxlib's default (it has no YNNPACK choice to change)"
     if _backend_started():
-        return ("XLA:CPU convolutions: this jaxlib's default (JAX had already started; call "
-                "graphduo.runtime.set_cpu_convolutions before any JAX computation)")
-    environ["XLA_FLAGS"] = f"{flags} {EIGEN_FLAG}".strip()
-    return "XLA:CPU convolutions: Eigen"
+        return flags, ("XLA:CPU convolutions: this jaxlib's default (JAX had already started; set XLA_FLAGS "
+                       "before any JAX computation)")
+    return f"{flags} {EIGEN_FLAG}".strip(), "XLA:CPU convolutions: Eigen"
