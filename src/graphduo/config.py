@@ -89,9 +89,10 @@ class Config:
     num_processes: int | None = _field(None, "number of processes (with --coordinator)")
     process_id: int | None = _field(None, "this process's index, 0 to num-processes - 1 (with --coordinator)")
     init_timeout: int = _field(300, "seconds to wait for every process to join")
-    cpu_convolutions: str = _field("eigen", "library behind XLA:CPU's convolutions: eigen (XLA's Eigen path, "
-                                   "2-4x faster CNN steps than jax 0.10's YNNPACK default) or xla (whatever this "
-                                   "jaxlib picks); set through XLA_FLAGS, unless XLA_FLAGS already chooses",
+    cpu_convolutions: str = _field("eigen", "library behind XLA:CPU's convolutions: eigen (XLA's Eigen path: "
+                                   "convolutions 2-3x faster here than jax 0.10's YNNPACK default, the CNN step "
+                                   "1.8x) or xla (whatever this jaxlib picks); set through XLA_FLAGS, unless "
+                                   "XLA_FLAGS already chooses",
                                    choices=CPU_CONVOLUTIONS)
 
     @property

@@ -145,7 +145,8 @@ def _phase(eqn) -> str:
 
 def run_equation(eqn, args):
     """Run one jaxpr equation eagerly, as ``jax.core.eval_jaxpr`` does: custom-derivative calls
-    (``jax.nn.relu``, graphduo's pooling) get their function arguments back before binding."""
+    (graphduo's pooling, any ``custom_jvp``/``custom_vjp``) get their function arguments back
+    before binding."""
     with eqn.ctx.manager:
         return eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
 

@@ -1,9 +1,10 @@
 """XLA settings read once, when JAX starts its CPU backend. Entry points apply them, libraries don't.
 
 One setting lives here: which library runs XLA:CPU's convolutions. jaxlib 0.10 hands them to
-YNNPACK by default; XLA's older Eigen path runs the CNN's convolutions, and above all their
-gradients, 2-4x faster on the CPUs measured (experiments/RESULTS.md, "The CNN step": the default
-CNN's traced training step at batch 256 went from ~200 to ~70 ms). The choice is an ``XLA_FLAGS``
+YNNPACK by default; XLA's older Eigen path runs the CNN's convolutions 2-3x faster on the CPU
+measured, their weight gradients most (experiments/RESULTS.md, "The CNN step": with graphduo's
+formulation the default CNN's traced step at batch 256 took 75 ms on Eigen, 135 ms on YNNPACK).
+The choice is an ``XLA_FLAGS``
 entry, so it covers eager ops and compiled steps alike, and the eager-vs-traced comparison stays
 like for like.
 
