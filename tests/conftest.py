@@ -12,6 +12,7 @@ import graphduo.runtime
 
 # The suite runs what users run: graphduo's entry points pick XLA:CPU's Eigen convolutions.
 os.environ["XLA_FLAGS"] = graphduo.runtime.cpu_convolution_flags("eigen")[0]
+graphduo.runtime.reuse_host_memory("reuse")
 
 # Four virtual CPU devices, so data-parallel code is tested without accelerators. Set before any
 # test touches a JAX backend; single-device tests use the first.

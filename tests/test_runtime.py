@@ -1,4 +1,5 @@
-"""graphduo.runtime: the XLA:CPU convolution choice, added to XLA_FLAGS only when it can take effect."""
+"""graphduo.runtime: the XLA:CPU convolution choice, added to XLA_FLAGS only when it can take effect;
+the host memory policy, applied only when the user has not chosen one."""
 
 import os
 import subprocess
@@ -80,3 +81,113 @@ def test_choice_reaches_the_compiled_convolution(choice, expected):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected, out.stderr
+
+
+# --- reuse_host_memory ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unset(monkeypatch):
+    """Pretend no earlier call acted (conftest.py's did, in this test process)."""
+    monkeypatch.setattr(runtime, "_host_memory_set", False)
+    monkeypatch.setattr(runtime, "_host_memory_note", "host memory: the C library's default")
+
+
+def test_host_memory_unknown_choice_names_the_choices():
+    with pytest.raises(ValueError, match="choose one of reuse, system"):
+        runtime.reuse_host_memory("jemalloc")
+
+
+@pytest.mark.parametrize("environ", [{"MALLOC_MMAP_MAX_": "65536"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"},
+                                     {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
+def test_host_memory_users_own_allocator_settings_win(unset, environ):
+    note = runtime.reuse_host_memory("reuse", environ)
+    assert "as the environment sets it" in note and runtime.host_memory_note() == note
+    assert runtime._host_memory_set is False
+
+
+def test_host_memory_other_malloc_settings_do_not_stop_it(unset, monkeypatch):
+    """``MALLOC_ARENA_MAX`` (which RESULTS.md suggests for steps with blocks over 64 MiB) or an
+    unrelated tunable is not a choice about these settings: graphduo's still apply."""
+    calls = []
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.35"))
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: type("Libc", (), {
+        "mallopt": staticmethod(lambda param, value: calls.append((param, value)) or 1)}))
+    note = runtime.reuse_host_memory("reuse", {"MALLOC_ARENA_MAX": "1", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
+    assert "kept for reuse" in note
+    assert calls == [(runtime._M_MMAP_MAX, 0), (runtime._M_TRIM_THRESHOLD, 1 << 30), (runtime._M_TOP_PAD, 64 << 20)]
+
+
+def test_host_memory_leaves_other_c_libraries_alone(unset, monkeypatch):
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
+    assert "not glibc" in runtime.reuse_host_memory("reuse", {})
+    assert runtime._host_memory_set is False
+
+
+def test_host_memory_system_changes_nothing(unset):
+    assert runtime.reuse_host_memory("system", {}) == "host memory: the C library's default"
+    assert runtime._host_memory_set is False
+
+
+RESIDENT = textwrap.dedent("""
+    import ctypes, ctypes.util, mmap, sys, threading
+    from graphduo import runtime
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if sys.argv[1] == "reuse-without-pad":  # reuse's other two settings, without its top pad
+        assert libc.mallopt(runtime._M_MMAP_MAX, 0) == 1 and libc.mallopt(runtime._M_TRIM_THRESHOLD, 1 << 30) == 1
+    else:
+        print(runtime.reuse_host_memory(sys.argv[1]), file=sys.stderr)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size, page, result = 40 << 20, mmap.PAGESIZE, []
+
+    def resident(p):
+        start = p // page * page
+        length = p + size - start
+        vec = ctypes.create_string_buffer((length + page - 1) // page)
+        assert libc.mincore(start, length, vec) == 0, ctypes.get_errno()
+        return sum(b & 1 for b in vec.raw) / len(vec.raw)
+
+    def step():
+        kept = libc.malloc(size)  # state that lives on
+        libc.memset(kept, 1, size)
+        scratch = libc.malloc(size)  # a step's scratch memory: filled, then freed
+        libc.memset(scratch, 1, size)
+        libc.free(scratch)
+        again = libc.malloc(size)  # the next step's, not yet touched: how much is mapped already?
+        result.append(resident(again))
+        libc.free(again)
+        libc.free(kept)
+
+    if sys.argv[2] == "thread":  # where XLA:CPU allocates a step's scratch memory
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join()
+    else:
+        step()
+    print(result[0])
+""")
+
+
+@pytest.mark.skipif(runtime.platform.libc_ver()[0] != "glibc", reason="the policy is glibc's malloc")
+@pytest.mark.parametrize("choice,where", [("reuse", "main"), ("reuse", "thread"), ("system", "main"),
+                                          ("system", "thread"), ("reuse-without-pad", "thread")])
+def test_host_memory_reuse_serves_pages_already_mapped(choice, where):
+    """In a fresh process, on the main thread or a worker thread: keep one 40 MiB block, fill and free
+    a second, then ask for a third (what XLA:CPU does with a step's scratch memory, step after
+    step). With ``reuse`` the third is memory already mapped (resident before it is touched: no page
+    faults to come). Negative controls: with ``system`` glibc serves it with fresh ``mmap`` pages,
+    none resident until touched; on a worker thread, ``reuse`` without its top pad is not enough:
+    the thread's arena unmaps the second 64 MiB heap the freed block had emptied."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", RESIDENT, choice, where], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    resident = float(out.stdout.strip())
+    if choice == "reuse":  # the controls below: nothing of the new block mapped yet
+        assert resident > 0.99, (resident, out.stderr)
+    else:
+        assert resident < 0.01, (resident, out.stderr)

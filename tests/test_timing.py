@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
+from graphduo import runtime
 from graphduo.timing import StepTimes, break_even_steps, environment, time_steps
 
 
@@ -45,5 +46,6 @@ def test_step_times_summary():
 
 def test_environment_names_the_machine():
     env = environment()
-    assert {"jax", "jaxlib", "backend", "device_kind", "cpu", "xla_flags"} <= env.keys()
+    assert {"jax", "jaxlib", "backend", "device_kind", "cpu", "xla_flags", "host_memory"} <= env.keys()
+    assert env["host_memory"] == runtime.host_memory_note()  # conftest.py applied graphduo's default
     assert env["backend"] == "cpu"

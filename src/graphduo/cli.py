@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "step, steady-state step time, samples/s, the speedup and the break-even step count.")
     compare_fields = ("model", "dataset", "optimizer", "lr", "batch_size", "steps", "seed",
                       "data_dir", "download", "synthetic_shape", "synthetic_size",
-                      "mlp_features", "cnn_channels", "cnn_dense", "cpu_convolutions")
+                      "mlp_features", "cnn_channels", "cnn_dense", "cpu_convolutions", "host_memory")
     add_config_arguments(compare, only=compare_fields, defaults={"steps": 200})
     _add_output_flags(compare, "print the result as one JSON object on stdout")
     compare.set_defaults(config_fields=compare_fields)
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples: graphduo inspect --model mlp --batch-size 256; graphduo inspect --format dot > step.dot; "
                "graphduo inspect --model cnn --dataset synthetic --synthetic-shape 28x28x1 --svg step.svg")
     inspect_fields = ("model", "dataset", "optimizer", "lr", "batch_size", "seed", "data_dir", "synthetic_shape",
-                      "mlp_features", "cnn_channels", "cnn_dense", "cpu_convolutions")
+                      "mlp_features", "cnn_channels", "cnn_dense", "cpu_convolutions", "host_memory")
     add_config_arguments(inspect, only=inspect_fields)
     inspect.add_argument("--format", choices=("text", "json", "dot"), default="text",
                          help="text: a report; json: every figure and every eager op; dot: the optimized graph "
@@ -187,10 +187,11 @@ def setup_runtime(config: Config) -> None:
     """
     import jax
 
-    from graphduo.runtime import cpu_convolution_flags
+    from graphduo.runtime import cpu_convolution_flags, reuse_host_memory
 
     # First: XLA reads its flags once, when the backend starts.
     os.environ["XLA_FLAGS"] = cpu_convolution_flags(config.cpu_convolutions)[0]
+    reuse_host_memory(config.host_memory)
     if config.debug_nans:
         jax.config.update("jax_debug_nans", True)
     if config.devices is not None:

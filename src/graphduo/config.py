@@ -9,7 +9,7 @@ from typing import Any
 from graphduo.data import DATASETS
 from graphduo.models import MODELS
 from graphduo.parallel import PRECISIONS, STRATEGIES
-from graphduo.runtime import CPU_CONVOLUTIONS
+from graphduo.runtime import CPU_CONVOLUTIONS, HOST_MEMORY
 from graphduo.step import OPTIMIZERS, SCHEDULES
 
 MODES = ("eager", "traced")
@@ -94,6 +94,10 @@ class Config:
                                    "1.8x) or xla (whatever this jaxlib picks); set through XLA_FLAGS, unless "
                                    "XLA_FLAGS already chooses",
                                    choices=CPU_CONVOLUTIONS)
+    host_memory: str = _field("reuse", "reuse: keep freed host memory for the next step (glibc malloc: no fresh "
+                              "mmap pages per step; the CNN step at batch 256 ran 1.5x faster) at the price of "
+                              "holding the peak; system: the C library's own policy",
+                              choices=HOST_MEMORY)
 
     @property
     def weight_decay_value(self) -> float:

@@ -1,26 +1,43 @@
-"""XLA settings read once, when JAX starts its CPU backend. Entry points apply them, libraries don't.
+"""Process-wide settings for the CPU. Entry points apply them, libraries don't.
 
-One setting lives here: which library runs XLA:CPU's convolutions. jaxlib 0.10 hands them to
+Two settings live here. First, which library runs XLA:CPU's convolutions. jaxlib 0.10 hands them to
 YNNPACK by default; XLA's older Eigen path runs the CNN's convolutions 2-3x faster on the CPU
 measured, their weight gradients most (experiments/RESULTS.md, "The CNN step": with graphduo's
-formulation the default CNN's traced step at batch 256 took 75 ms on Eigen, 135 ms on YNNPACK).
+formulation the default CNN's traced step at batch 256 took 90 ms on Eigen, 148 ms on YNNPACK).
 The choice is an ``XLA_FLAGS``
 entry, so it covers eager ops and compiled steps alike, and the eager-vs-traced comparison stays
 like for like.
 
-This module only computes the setting; entry points apply it, before any JAX computation:
+``cpu_convolution_flags`` only computes the setting; entry points apply it, before any JAX computation:
 ``graphduo train|compare|inspect`` (``--cpu-convolutions``), the experiment scripts and the test
 suite's ``conftest.py``. A program using graphduo as a library does the same, first thing: it sets
 the environment variable ``XLA_FLAGS`` to ``graphduo.runtime.cpu_convolution_flags("eigen")[0]``
 (README, "As a library").
+
+Second, whether freed host memory is kept for reuse (``reuse_host_memory``). XLA:CPU takes each
+compiled step's scratch memory from ``malloc`` (on a worker thread) and frees it when the step ends.
+glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh ``mmap`` pages, every call,
+trims a heap's freed top back to the system, and unmaps a thread arena's heap once it empties, so a
+large step touches tens of MiB of new pages every time:
+the default CNN's traced step at batch 256 took ~15,500 page faults and ~30 ms of kernel time per
+step (90 ms in all; 60 ms once freed memory was reused, ``experiments/cnn_step.py``). PyTorch's CPU
+tensors come from the same ``malloc``, and its CNN step paid the same in a process shared with JAX
+(98 ms against 45 ms in a probe).
+``reuse_host_memory("reuse")`` tells glibc to serve every size from its heap and keep what is freed,
+as a caching allocator does; the price is that the process holds on to its peak host memory. It
+acts at once (``mallopt``); the same entry points call it, with ``--host-memory``, before the work
+starts, and a library user calls ``graphduo.runtime.reuse_host_memory("reuse")`` the same way.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import mmap
 import os
 import pathlib
+import platform
 
 CPU_CONVOLUTIONS = ("eigen", "xla")
 """``eigen``: XLA's Eigen convolutions (graphduo's default); ``xla``: whatever this jaxlib picks."""
@@ -75,3 +92,74 @@ def cpu_convolution_flags(choice: str = "eigen", flags: str | None = None) -> tu
         return flags, ("XLA:CPU convolutions: this jaxlib's default (JAX had already started; set XLA_FLAGS "
                        "before any JAX computation)")
     return f"{flags} {EIGEN_FLAG}".strip(), "XLA:CPU convolutions: Eigen"
+
+
+HOST_MEMORY = ("reuse", "system")
+"""``reuse``: freed host memory kept for the next step (graphduo's default); ``system``: the C
+library's own policy."""
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc's mallopt parameters (malloc.h)
+_KEEP_FREED = 1 << 30  # bytes of freed heap top glibc may keep instead of returning them
+_HEAP_PAD = 64 << 20  # a thread arena's heap size: with this pad glibc never unmaps an emptied one
+_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_TUNABLES = ("glibc.malloc.mmap_max", "glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold",
+             "glibc.malloc.top_pad")
+_ALLOCATORS = ("malloc", "jemalloc", "tcmalloc", "mimalloc")  # in LD_PRELOAD: someone else's allocator
+_host_memory_note = "host memory: the C library's default"
+_host_memory_set = False
+
+
+def reuse_host_memory(choice: str = "reuse", environ: dict[str, str] | None = None) -> str:
+    """Keep freed host memory for reuse (``choice="reuse"``) and return a one-line account.
+
+    On glibc: ``mallopt(M_MMAP_MAX, 0)`` serves large blocks from the heap instead of fresh
+    ``mmap`` pages, ``mallopt(M_TRIM_THRESHOLD, 1 GiB)`` keeps freed memory instead of handing it
+    back, and ``mallopt(M_TOP_PAD, 64 MiB)`` stops a worker thread's arena from unmapping each of
+    its 64 MiB heaps as soon as it empties (XLA:CPU allocates a step's scratch memory on its worker
+    threads), so a step's scratch buffers land on pages already mapped (see the module docstring
+    for what that saves). The pad only reserves address space; pages are mapped when first used.
+
+    What it cannot cover: a single block over 64 MiB asked for on a worker thread (the CNN's scratch
+    memory from batch ~512 up), which glibc maps directly whatever ``M_MMAP_MAX`` says. One arena
+    for all threads (``MALLOC_ARENA_MAX=1`` in the environment; graphduo's settings still apply)
+    covers that too, at the price of one lock for every thread's allocations: the CNN step at batch
+    512 ran 138 -> 114 ms with it, at batch 256 53 -> 56-70 ms, so graphduo does not set it.
+
+    It changes where memory comes from, never what is computed. Nothing happens with
+    ``choice="system"``, on another C library, or when the environment already sets one of these
+    (``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``
+    or their ``GLIBC_TUNABLES=glibc.malloc.*`` forms) or preloads another allocator (``LD_PRELOAD``):
+    the user's choice wins. ``environ`` defaults to ``os.environ``.
+
+    Process-wide, immediate, and for the life of the process (a later call only returns the account
+    of the first that acted). Entry points call it (the CLI's ``--host-memory``, the experiment
+    scripts, the test suite); a library never does.
+    """
+    global _host_memory_note, _host_memory_set
+    if choice not in HOST_MEMORY:
+        raise ValueError(f"unknown host memory choice {choice!r}: choose one of {', '.join(HOST_MEMORY)}")
+    if _host_memory_set:  # mallopt lasts for the life of the process
+        return _host_memory_note
+    environ = os.environ if environ is None else environ
+    preload = environ.get("LD_PRELOAD", "")
+    if choice == "system":
+        note = "host memory: the C library's default"
+    elif (any(environ.get(k) for k in _MALLOC_ENV) or any(t in environ.get("GLIBC_TUNABLES", "") for t in _TUNABLES)
+          or any(a in preload for a in _ALLOCATORS)):
+        note = "host memory: as the environment sets it (MALLOC_*, GLIBC_TUNABLES or an LD_PRELOAD allocator)"
+    elif platform.libc_ver()[0] != "glibc":
+        note = "host memory: the C library's default (not glibc, which is what graphduo knows how to tune)"
+    else:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = all(libc.mallopt(param, value) == 1 for param, value in
+                 ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_FREED), (_M_TOP_PAD, _HEAP_PAD)))
+        note = ("host memory: freed buffers kept for reuse (glibc malloc: no mmap, no trim, 64 MiB top pad)" if ok
+                else "host memory: the C library's default (glibc refused mallopt)")
+        _host_memory_set = ok
+    _host_memory_note = note
+    return note
+
+
+def host_memory_note() -> str:
+    """What the last ``reuse_host_memory`` call did in this process (for result files)."""
+    return _host_memory_note

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from graphduo import runtime
+
 
 @dataclasses.dataclass(frozen=True)
 class StepTimes:
@@ -126,11 +128,11 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 def describe_machine(env: dict[str, Any]) -> str:
     """One line naming what ``environment()`` recorded, for the summaries results come with."""
     return (f"{env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), "
-            f"python {env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}")
+            f"python {env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}; {env['host_memory']}")
 
 
 def environment() -> dict[str, Any]:
-    """What a figure was measured on: versions, backend, device and CPU, XLA flags."""
+    """What a figure was measured on: versions, backend, device and CPU, XLA flags, host memory policy."""
     import jaxlib
 
     device = jax.devices()[0]
@@ -144,6 +146,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "host_memory": runtime.host_memory_note(),
     }
 
 
