@@ -1,8 +1,9 @@
-"""The CNN step on XLA:CPU: which formulation and which convolution library make it fast.
+"""The CNN step on XLA:CPU: which formulation, convolution library and host memory policy make it fast.
 
 The finding behind graphduo's CNN defaults (experiments/RESULTS.md, "The CNN step"), kept
 reproducible. It times the default CNN's traced Adam training step (conv32-pool-conv64-pool-dense128
-on 28x28x1, 10 classes) in a 3 x 2 design, all cells from the same initial weights on the same batch:
+on 28x28x1, 10 classes) in a 3 x 2 x 2 design, all cells from the same initial weights on the same
+batch:
 
 formulations (all compute the same function, see tests/test_models.py):
 * ``flax``:           ``model.module.apply``: Flax's ``nn.Conv`` -> ``nn.relu`` -> ``nn.max_pool``.
@@ -12,19 +13,26 @@ formulations (all compute the same function, see tests/test_models.py):
                       first convolution as shifted multiply-adds.
 
 convolution libraries (``graphduo.runtime.cpu_convolution_flags``; XLA reads its flags once per
-process, so each runs in its own child process):
+process, so each setting runs in its own child process):
 * ``xla``:   this jaxlib's default (jax 0.10: YNNPACK);
 * ``eigen``: XLA's Eigen convolutions (graphduo's default).
 
-How: children alternate (xla, eigen, xla, ...), one round each; in a round every formulation is
-compiled once and timed with ``graphduo.timing.time_steps`` (first step apart, warm-up, each step run
-to completion), in an order that flips each round. A cell's figure is the median over rounds of its
-per-round median; a ratio is the median of per-round ratios against ``flax`` under ``xla`` convolutions
-measured in the neighbouring child. Each child also trains every formulation 3 steps from the same
-weights; the losses of all six cells must agree (relative 1e-4, float32 summation order).
+host memory (``graphduo.runtime.reuse_host_memory``, process-wide, so also one per child):
+* ``system``: glibc's default: the step's scratch memory is mapped afresh every step;
+* ``reuse``:  freed memory kept for the next step (graphduo's default).
+
+How: the four children of a round run in an order that flips each round; in a child every
+formulation is compiled once and timed with ``graphduo.timing.time_steps`` (first step apart,
+warm-up, each step run to completion), in an order that flips each round too. A cell's figure is
+the median over rounds of its per-round median; a ratio is the median of per-round ratios against
+``flax`` with ``xla`` convolutions and ``system`` memory (jaxlib's defaults throughout) measured in
+the same round. Each child also trains every formulation 3 steps from the same weights; the losses
+of all twelve cells must agree (relative 1e-4, float32 summation order).
+Each cell also counts the process's minor page faults per timed step (``getrusage``): memory the
+kernel maps and zeroes afresh, which is what ``reuse`` is meant to remove.
 
 Run:
-    python experiments/cnn_step.py            # batch 256, 3 rounds, about 3 minutes
+    python experiments/cnn_step.py            # batch 256, 3 rounds, about 4 minutes
     python experiments/cnn_step.py --quick    # smoke test: batch 32, 1 round, under a minute
     python experiments/cnn_step.py --batch-size 64 --rounds 5 --out DIR
 
@@ -46,13 +54,16 @@ import time
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "cnn_step"
 FORMULATIONS = ("flax", "graphduo-lax", "graphduo")
 CONVOLUTIONS = ("xla", "eigen")
+HOST_MEMORY = ("system", "reuse")
+SETTINGS = tuple(f"{conv}+{mem}" for conv in CONVOLUTIONS for mem in HOST_MEMORY)
+BASELINE = ("flax", "xla+system")
 CHECK_STEPS = 3
 LOSS_RTOL = 1e-4
 MARKER = "CNN_STEP_RESULT "
 
 
 # ---------------------------------------------------------------------------------------------
-# Child: one convolution library, every formulation, one round.
+# Child: one convolution library and host memory policy, every formulation, one round.
 
 def _apply_fns(model):
     from graphduo import models
@@ -69,10 +80,19 @@ def _apply_fns(model):
             "graphduo": models.cnn_apply}
 
 
-def child(convolutions: str, batch_size: int, steps: int, reverse: bool) -> dict:
+def _page_faults() -> int:
+    """Minor page faults of this process so far: memory the kernel had to map (and zero) on first touch."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def child(setting: str, batch_size: int, steps: int, reverse: bool) -> dict:
     from graphduo import runtime
 
+    convolutions, host_memory = setting.split("+")
     os.environ["XLA_FLAGS"], note = runtime.cpu_convolution_flags(convolutions)
+    memory_note = runtime.reuse_host_memory(host_memory)
     import jax
     import numpy as np
 
@@ -87,7 +107,8 @@ def child(convolutions: str, batch_size: int, steps: int, reverse: bool) -> dict
     u = rng.random((batch_size, 28, 28, 1), dtype=np.float32)
     batch = jax.device_put({"image": np.where(u < 0.6, 0.0, u).astype(np.float32),  # digit-like zeros
                             "label": rng.integers(0, 10, batch_size).astype(np.int32)})
-    out = {"convolutions": convolutions, "note": note, "environment": timing.environment(), "cells": {}}
+    out = {"setting": setting, "note": note, "memory_note": memory_note, "environment": timing.environment(),
+           "cells": {}}
     names = FORMULATIONS[::-1] if reverse else FORMULATIONS
     for name in names:
         step = TracedStep(make_train_step(_apply_fns(model)[name], tx), donate_argnums=0)
@@ -96,22 +117,24 @@ def child(convolutions: str, batch_size: int, steps: int, reverse: bool) -> dict
         for _ in range(CHECK_STEPS):
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
+        faults = _page_faults()
         state, _, times = timing.time_steps(step, state, [batch] * (steps + 3), warmup=2)
         out["cells"][name] = {"losses": losses, "median_ms": times.median_ms, "p10_ms": times.p10_ms,
-                              "p90_ms": times.p90_ms, "compile_s": step.compile_time_s}
+                              "p90_ms": times.p90_ms, "compile_s": step.compile_time_s,
+                              "page_faults_per_step": (_page_faults() - faults) / (steps + 3)}
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Parent: alternate children, collect, compare, write.
 
-def run_child(convolutions: str, args, reverse: bool) -> dict:
+def run_child(setting: str, args, reverse: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each child chooses for itself
-    cmd = [sys.executable, __file__, "--child", convolutions, "--batch-size", str(args.batch_size),
+    cmd = [sys.executable, __file__, "--child", setting, "--batch-size", str(args.batch_size),
            "--steps", str(args.steps)] + (["--reverse"] if reverse else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
-        raise SystemExit(f"cnn_step: child ({convolutions}) failed with status {proc.returncode}: "
+        raise SystemExit(f"cnn_step: child ({setting}) failed with status {proc.returncode}: "
                          f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER))
     return json.loads(line[len(MARKER):])
@@ -119,27 +142,33 @@ def run_child(convolutions: str, args, reverse: bool) -> dict:
 
 def analyse(rounds: list[dict[str, dict]]) -> dict:
     cells = {}
-    for conv in CONVOLUTIONS:
+    base_name, base_setting = BASELINE
+    for setting in SETTINGS:
+        conv, mem = setting.split("+")
         for name in FORMULATIONS:
-            per_round = [r[conv]["cells"][name]["median_ms"] for r in rounds]
-            speedups = [r["xla"]["cells"]["flax"]["median_ms"] / r[conv]["cells"][name]["median_ms"] for r in rounds]
-            cells[f"{name}|{conv}"] = {"formulation": name, "convolutions": conv,
-                                       "median_ms": statistics.median(per_round), "rounds_ms": per_round,
-                                       "speedup_vs_flax_xla": statistics.median(speedups),
-                                       "speedup_range": [min(speedups), max(speedups)]}
-    losses = [c["losses"] for r in rounds for conv in CONVOLUTIONS for c in r[conv]["cells"].values()]
+            per_round = [r[setting]["cells"][name]["median_ms"] for r in rounds]
+            speedups = [r[base_setting]["cells"][base_name]["median_ms"] / r[setting]["cells"][name]["median_ms"]
+                        for r in rounds]
+            faults = [r[setting]["cells"][name]["page_faults_per_step"] for r in rounds]
+            cells[f"{name}|{setting}"] = {"formulation": name, "convolutions": conv, "host_memory": mem,
+                                          "median_ms": statistics.median(per_round), "rounds_ms": per_round,
+                                          "page_faults_per_step": statistics.median(faults),
+                                          "speedup_vs_defaults": statistics.median(speedups),
+                                          "speedup_range": [min(speedups), max(speedups)]}
+    losses = [c["losses"] for r in rounds for setting in SETTINGS for c in r[setting]["cells"].values()]
     ref = losses[0]
     worst = max(abs(a - b) / abs(b) for ls in losses for a, b in zip(ls, ref))
     return {"cells": cells, "loss_check": {"max_rel_diff": worst, "tolerance": LOSS_RTOL, "ok": worst <= LOSS_RTOL}}
 
 
 def format_table(cells: dict) -> list[str]:
-    rows = ["| formulation | convolutions | median ms/step | per round | speedup vs flax+xla [range] |",
-            "|---|---|---|---|---|"]
+    rows = ["| formulation | convolutions | host memory | median ms/step | per round | page faults/step | "
+            "speedup vs flax+xla+system [range] |", "|---|---|---|---|---|---|---|"]
     for c in cells.values():
         lo, hi = c["speedup_range"]
-        rows.append(f"| {c['formulation']} | {c['convolutions']} | {c['median_ms']:.1f} | "
-                    f"{', '.join(f'{t:.1f}' for t in c['rounds_ms'])} | {c['speedup_vs_flax_xla']:.2f}x "
+        rows.append(f"| {c['formulation']} | {c['convolutions']} | {c['host_memory']} | {c['median_ms']:.1f} | "
+                    f"{', '.join(f'{t:.1f}' for t in c['rounds_ms'])} | {c['page_faults_per_step']:,.0f} | "
+                    f"{c['speedup_vs_defaults']:.2f}x "
                     f"[{lo:.2f}-{hi:.2f}] |")
     return rows
 
@@ -147,26 +176,32 @@ def format_table(cells: dict) -> list[str]:
 def write_summary(path: pathlib.Path, result: dict, args, command: str, wall_s: float) -> None:
     from graphduo.timing import describe_machine
 
-    env = result["rounds"][0]["eigen"]["environment"]
+    env = result["rounds"][0]["eigen+reuse"]["environment"]
     check = result["analysis"]["loss_check"]
     cells = result["analysis"]["cells"]
     best = min(cells.values(), key=lambda c: c["median_ms"])
     lines = [
-        "# cnn_step: the CNN's traced training step, by formulation and convolution library", "",
+        "# cnn_step: the CNN's traced training step, by formulation, convolution library and host memory", "",
         f"Command: `{command}`  ",
-        f"Wall time: {wall_s:.0f} s; batch {args.batch_size}; {args.rounds} round(s) per library, "
-        f"{args.steps} timed steps per cell per round.  ",
-        f"Machine: {describe_machine(env)} (the eigen children; the xla children ran without XLA_FLAGS).", "",
+        f"Wall time: {wall_s:.0f} s; batch {args.batch_size}; {args.rounds} round(s) of {len(SETTINGS)} child "
+        f"processes, {args.steps} timed steps per cell per round.  ",
+        f"Machine: {describe_machine(env)} (the eigen+reuse children; xla children ran without XLA_FLAGS, "
+        f"system children with glibc's default malloc policy).", "",
         *format_table(cells), "",
-        f"Fastest: {best['formulation']} with {best['convolutions']} convolutions, {best['median_ms']:.1f} ms, "
-        f"{best['speedup_vs_flax_xla']:.2f}x the plain Flax step on this jaxlib's default convolutions.", "",
-        f"Same function: losses of the first {CHECK_STEPS} steps from the same weights, all six cells: max "
+        f"Fastest: {best['formulation']} with {best['convolutions']} convolutions and {best['host_memory']} host "
+        f"memory, {best['median_ms']:.1f} ms, {best['speedup_vs_defaults']:.2f}x the plain Flax step on this "
+        f"jaxlib's defaults.", "",
+        f"Same function: losses of the first {CHECK_STEPS} steps from the same weights, all {len(cells)} cells: max "
         f"relative difference {check['max_rel_diff']:.1e} (tolerance {check['tolerance']:g}): "
         f"{'ok' if check['ok'] else 'MISMATCH'}.", "",
         "flax: `nn.Conv -> nn.relu -> nn.max_pool`; graphduo-lax: `relu(max_pool_2x2(conv) + bias)` with "
         "the first-maximum pooling gradient and `lax` convolutions; graphduo: `graphduo.models.cnn_apply` "
         "(also the one-channel first convolution as multiply-adds). xla: jaxlib's default convolutions "
-        "(YNNPACK in jax 0.10); eigen: `graphduo.runtime.cpu_convolution_flags(\"eigen\")` in XLA_FLAGS.",
+        "(YNNPACK in jax 0.10); eigen: `graphduo.runtime.cpu_convolution_flags(\"eigen\")` in XLA_FLAGS. "
+        "system: glibc's malloc as it comes (the step's scratch memory mapped afresh every step); reuse: "
+        "`graphduo.runtime.reuse_host_memory(\"reuse\")` (freed memory kept for the next step). Page "
+        "faults/step: the child's minor page faults over its timed steps (warm-up included) per step; each is "
+        "a 4 KiB page the kernel mapped and zeroed on first touch.",
     ]
     path.write_text("\n".join(lines) + "\n")
 
@@ -174,16 +209,18 @@ def write_summary(path: pathlib.Path, result: dict, args, command: str, wall_s: 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Time the default CNN's traced training step for three formulations of the same model "
-                    "under XLA:CPU's default and Eigen convolutions; check all reach the same losses.",
+                    "under XLA:CPU's default and Eigen convolutions, with glibc's default host memory policy "
+                    "and with freed memory reused; check all reach the same losses.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke test: batch 32, 1 round, 5 timed steps")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="folder for the results")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 256; --quick: 32)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per library (default 3; --quick: 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the four settings (default 3; "
+                                                                 "--quick: 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per cell per round (default 15; "
                                                                 "--quick: 5)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a child may take")
-    parser.add_argument("--child", choices=CONVOLUTIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=SETTINGS, help=argparse.SUPPRESS)
     parser.add_argument("--reverse", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name, quick, full in (("batch_size", 32, 256), ("rounds", 1, 3), ("steps", 5, 15)):
@@ -205,10 +242,10 @@ def main(argv=None) -> None:
     command, t0 = command_line(argv), time.perf_counter()
     rounds = []
     for r in range(args.rounds):
-        order = CONVOLUTIONS if r % 2 == 0 else CONVOLUTIONS[::-1]
-        rounds.append({conv: run_child(conv, args, reverse=r % 2 == 1) for conv in order})
+        order = SETTINGS if r % 2 == 0 else SETTINGS[::-1]
+        rounds.append({s: run_child(s, args, reverse=r % 2 == 1) for s in order})
         print(f"[cnn_step] round {r + 1}/{args.rounds}: " + "  ".join(
-            f"{n}|{c} {rounds[-1][c]['cells'][n]['median_ms']:.1f}" for c in CONVOLUTIONS for n in FORMULATIONS)
+            f"{n}|{s} {rounds[-1][s]['cells'][n]['median_ms']:.1f}" for s in SETTINGS for n in FORMULATIONS)
             + " ms", file=sys.stderr)
     result = {"command": command, "batch_size": args.batch_size, "rounds": rounds, "analysis": analyse(rounds)}
     wall_s = time.perf_counter() - t0

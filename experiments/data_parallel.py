@@ -298,6 +298,7 @@ def main(argv=None) -> int:
     from graphduo import runtime
 
     os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # inherited by the child processes
+    runtime.reuse_host_memory()  # freed host memory kept for the next step, as the CLI
     settings = dict(QUICK if args.quick else FULL)
     if args.steps is not None:
         settings["steps"] = args.steps

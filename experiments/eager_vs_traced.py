@@ -344,6 +344,7 @@ def replot(out: pathlib.Path) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # before any JAX computation, as the CLI
+    runtime.reuse_host_memory()  # freed host memory kept for the next step, as the CLI
     if args.replot:
         replot(args.out)
         return

@@ -48,6 +48,7 @@ import gc
 import json
 import os
 import pathlib
+import resource
 import shlex
 import statistics
 import sys
@@ -260,6 +261,12 @@ def steps_for(step_s: float, budget_s: float, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, round(budget_s / step_s))))
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far: memory the kernel mapped and zeroed on first touch
+    (with the host memory policy working, a step should cause next to none)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, Any]:
     label = f"{model_name} b{batch_size}"
     model, tx, gd_state, gd_batch, variants = make_variants(torch, model_name, batch_size)
@@ -277,10 +284,12 @@ def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, A
         order = variants if r % 2 == 0 else variants[::-1]
         for v in order:
             gc.collect()
+            faults = page_faults()
             states[v.name], _, t = timing.time_steps(v.step, states[v.name], [v.batch] * (3 + steps[v.name]),
                                                      warmup=2)
             rounds[v.name].append({"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
-                                   "times_ms": [x * 1e3 for x in t.times_s]})
+                                   "times_ms": [x * 1e3 for x in t.times_s],
+                                   "page_faults_per_step": (page_faults() - faults) / (3 + steps[v.name])})
         print(f"[{label}] round {r + 1}/{args.rounds}: " + "  ".join(
             f"{n} {rs[-1]['median_ms']:.3g}" for n, rs in rounds.items()) + " ms", file=sys.stderr)
 
@@ -301,7 +310,8 @@ def summarize(rs: list[dict], batch_size: int) -> dict[str, float]:
     median = statistics.median(r["median_ms"] for r in rs)
     pooled = [t for r in rs for t in r["times_ms"]]
     return {"median_ms": median, "p10_ms": float(np.percentile(pooled, 10)),
-            "p90_ms": float(np.percentile(pooled, 90)), "samples_per_s": batch_size / (median / 1e3)}
+            "p90_ms": float(np.percentile(pooled, 90)), "samples_per_s": batch_size / (median / 1e3),
+            "page_faults_per_step": statistics.median(r["page_faults_per_step"] for r in rs)}
 
 
 def ratio(rounds, num: str, den: str) -> dict[str, Any]:
@@ -378,7 +388,8 @@ def goals(results, peak: float) -> list[dict[str, Any]]:
     return out
 
 
-HEADER = ("model", "batch", "variant", "median ms", "p10-p90 ms", "samples/s", "first step s", "vs torch-eager")
+HEADER = ("model", "batch", "variant", "median ms", "p10-p90 ms", "samples/s", "first step s", "page faults/step",
+          "vs torch-eager")
 
 
 def table_rows(results) -> list[tuple[str, ...]]:
@@ -389,7 +400,8 @@ def table_rows(results) -> list[tuple[str, ...]]:
             s = res["summary"][name]
             rows.append((res["model"], str(res["batch_size"]), name, f"{s['median_ms']:.3g}",
                          f"{s['p10_ms']:.3g}-{s['p90_ms']:.3g}", f"{s['samples_per_s']:,.0f}",
-                         f"{res['first_step_s'][name]:.2f}", f"{te / s['median_ms']:.2f}x"))
+                         f"{res['first_step_s'][name]:.2f}", f"{s['page_faults_per_step']:,.0f}",
+                         f"{te / s['median_ms']:.2f}x"))
     return rows
 
 
@@ -450,12 +462,14 @@ def write_summary(path, results, goal_list, env, command, wall_s, args, plot_not
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s; {args.rounds} interleaved round(s) per workload.  ",
         f"Machine: {timing.describe_machine(env)}; torch {env['torch']} with "
-        f"torch.set_num_threads({env['torch_threads']}) (the machine's core count).  ",
+        f"torch.set_num_threads({env['torch_threads']}) (the machine's core count). The host memory policy is "
+        f"the process's: PyTorch's tensors come from the same malloc as XLA's buffers.  ",
         f"Matmul peak (`graphduo.timing.matmul_peak_flops`): {env['matmul_peak_flops_start'] / 1e9:.1f} GFLOP/s at "
         f"the start, {env['matmul_peak_flops_end'] / 1e9:.1f} at the end; fractions use the larger.",
         "", "## Step times", "", markdown_table(HEADER, table_rows(results)), "",
         "median: median over rounds of each round's median step time; p10-p90 over every timed step; first "
-        "step: the cold first call (torch.compile and graphduo-traced: includes compilation), timed apart. "
+        "step: the cold first call (torch.compile and graphduo-traced: includes compilation), timed apart; page "
+        "faults/step: the process's minor page faults over a round's timed steps, per step (median over rounds). "
         "torch.compile wraps the model (forward and backward compiled); Adam's step runs as in eager; "
         "inductor's on-disk caches are disabled, so its first step is a full compile.", "",
         "## Ratios", "", markdown_table(RATIO_HEADER, ratio_rows(results, peak)), "",
@@ -533,6 +547,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # before any JAX computation, as the CLI
+    runtime.reuse_host_memory()  # freed host memory kept for the next step, as the CLI
     torch = need_torch()
     torch.set_num_threads(os.cpu_count() or 1)
     # torch.compile's first step must include a real compile, not a hit in inductor's on-disk cache

@@ -1,6 +1,6 @@
-"""experiments/cnn_step.py runs end to end in --quick mode, its six cells train the same function,
-and the two convolution libraries really differ in the compiled step (checked in the children's HLO
-through graphduo.runtime's own test). Timings live in the recorded results, not here."""
+"""experiments/cnn_step.py runs end to end in --quick mode, its twelve cells train the same function,
+and each child applies its own settings (that they take effect is graphduo.runtime's own test).
+Timings live in the recorded results, not here."""
 
 import json
 import os
@@ -20,14 +20,18 @@ def test_quick_run_writes_results_and_checks_losses(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     cells = result["analysis"]["cells"]
-    assert len(cells) == 6 and all(c["median_ms"] > 0 for c in cells.values())
+    assert len(cells) == 12 and all(c["median_ms"] > 0 for c in cells.values())
     assert result["analysis"]["loss_check"]["ok"]
     rnd = result["rounds"][0]
-    assert rnd["eigen"]["note"] == "XLA:CPU convolutions: Eigen"
-    assert "-individual_convolution" in rnd["eigen"]["environment"]["xla_flags"]
-    assert rnd["xla"]["environment"]["xla_flags"] == ""
+    for mem in ("system", "reuse"):
+        assert rnd[f"eigen+{mem}"]["note"] == "XLA:CPU convolutions: Eigen"
+        assert "-individual_convolution" in rnd[f"eigen+{mem}"]["environment"]["xla_flags"]
+        assert rnd[f"xla+{mem}"]["environment"]["xla_flags"] == ""
+    for conv in ("xla", "eigen"):
+        assert rnd[f"{conv}+system"]["memory_note"] == "host memory: the C library's default"
+        assert rnd[f"{conv}+reuse"]["memory_note"] == rnd[f"{conv}+reuse"]["environment"]["host_memory"]
     summary = (tmp_path / "SUMMARY.md").read_text()
-    assert "| graphduo | eigen |" in summary and "Machine:" in summary
+    assert "| graphduo | eigen | reuse |" in summary and "Machine:" in summary
 
 
 def test_bad_arguments_exit_2_with_one_line():
