@@ -28,8 +28,9 @@ the median over rounds of its per-round median; a ratio is the median of per-rou
 ``flax`` with ``xla`` convolutions and ``system`` memory (jaxlib's defaults throughout) measured in
 the same round. Each child also trains every formulation 3 steps from the same weights; the losses
 of all twelve cells must agree (relative 1e-4, float32 summation order).
-Each cell also counts the process's minor page faults per timed step (``getrusage``): memory the
-kernel maps and zeroes afresh, which is what ``reuse`` is meant to remove.
+Each cell also counts the process's minor page faults per step (``getrusage``) over 3 more steps
+after its timed ones (steady state, once the heap has grown): memory the kernel maps and zeroes
+afresh, which is what ``reuse`` is meant to remove.
 
 Run:
     python experiments/cnn_step.py            # batch 256, 3 rounds, about 4 minutes
@@ -58,6 +59,7 @@ HOST_MEMORY = ("system", "reuse")
 SETTINGS = tuple(f"{conv}+{mem}" for conv in CONVOLUTIONS for mem in HOST_MEMORY)
 BASELINE = ("flax", "xla+system")
 CHECK_STEPS = 3
+FAULT_STEPS = 3
 LOSS_RTOL = 1e-4
 MARKER = "CNN_STEP_RESULT "
 
@@ -117,11 +119,14 @@ def child(setting: str, batch_size: int, steps: int, reverse: bool) -> dict:
         for _ in range(CHECK_STEPS):
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
-        faults = _page_faults()
         state, _, times = timing.time_steps(step, state, [batch] * (steps + 3), warmup=2)
+        faults = _page_faults()  # steady state: after the timed steps, over FAULT_STEPS more
+        for _ in range(FAULT_STEPS):
+            state, metrics = step(state, batch)
+            jax.block_until_ready((state, metrics))
         out["cells"][name] = {"losses": losses, "median_ms": times.median_ms, "p10_ms": times.p10_ms,
                               "p90_ms": times.p90_ms, "compile_s": step.compile_time_s,
-                              "page_faults_per_step": (_page_faults() - faults) / (steps + 3)}
+                              "page_faults_per_step": (_page_faults() - faults) / FAULT_STEPS}
     return out
 
 
@@ -129,7 +134,9 @@ def child(setting: str, batch_size: int, steps: int, reverse: bool) -> dict:
 # Parent: alternate children, collect, compare, write.
 
 def run_child(setting: str, args, reverse: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each child chooses for itself
+    # Each child chooses its XLA flags and malloc policy itself; the user's own would override both.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
     cmd = [sys.executable, __file__, "--child", setting, "--batch-size", str(args.batch_size),
            "--steps", str(args.steps)] + (["--reverse"] if reverse else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -200,8 +207,9 @@ def write_summary(path: pathlib.Path, result: dict, args, command: str, wall_s: 
         "(YNNPACK in jax 0.10); eigen: `graphduo.runtime.cpu_convolution_flags(\"eigen\")` in XLA_FLAGS. "
         "system: glibc's malloc as it comes (the step's scratch memory mapped afresh every step); reuse: "
         "`graphduo.runtime.reuse_host_memory(\"reuse\")` (freed memory kept for the next step). Page "
-        "faults/step: the child's minor page faults over its timed steps (warm-up included) per step; each is "
-        "a 4 KiB page the kernel mapped and zeroed on first touch.",
+        f"faults/step: the child's minor page faults per step over {FAULT_STEPS} steps after the timed ones "
+        "(steady state); each is a 4 KiB page the kernel mapped and zeroed on first touch. Children run "
+        "without the user's MALLOC_*, GLIBC_TUNABLES and LD_PRELOAD.",
     ]
     path.write_text("\n".join(lines) + "\n")
 

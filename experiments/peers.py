@@ -48,7 +48,6 @@ import gc
 import json
 import os
 import pathlib
-import resource
 import shlex
 import statistics
 import sys
@@ -264,6 +263,8 @@ def steps_for(step_s: float, budget_s: float, lo: int, hi: int) -> int:
 def page_faults() -> int:
     """Minor page faults of this process so far: memory the kernel mapped and zeroed on first touch
     (with the host memory policy working, a step should cause next to none)."""
+    import resource  # POSIX only, as the fault count is
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -311,7 +312,8 @@ def summarize(rs: list[dict], batch_size: int) -> dict[str, float]:
     pooled = [t for r in rs for t in r["times_ms"]]
     return {"median_ms": median, "p10_ms": float(np.percentile(pooled, 10)),
             "p90_ms": float(np.percentile(pooled, 90)), "samples_per_s": batch_size / (median / 1e3),
-            "page_faults_per_step": statistics.median(r["page_faults_per_step"] for r in rs)}
+            "page_faults_per_step": statistics.median(r["page_faults_per_step"] for r in rs),
+            "page_faults_per_step_max": max(r["page_faults_per_step"] for r in rs)}
 
 
 def ratio(rounds, num: str, den: str) -> dict[str, Any]:
@@ -400,7 +402,7 @@ def table_rows(results) -> list[tuple[str, ...]]:
             s = res["summary"][name]
             rows.append((res["model"], str(res["batch_size"]), name, f"{s['median_ms']:.3g}",
                          f"{s['p10_ms']:.3g}-{s['p90_ms']:.3g}", f"{s['samples_per_s']:,.0f}",
-                         f"{res['first_step_s'][name]:.2f}", f"{s['page_faults_per_step']:,.0f}",
+                         f"{res['first_step_s'][name]:.2f}", f"{s['page_faults_per_step']:,.0f} [{s['page_faults_per_step_max']:,.0f}]",
                          f"{te / s['median_ms']:.2f}x"))
     return rows
 
@@ -469,7 +471,8 @@ def write_summary(path, results, goal_list, env, command, wall_s, args, plot_not
         "", "## Step times", "", markdown_table(HEADER, table_rows(results)), "",
         "median: median over rounds of each round's median step time; p10-p90 over every timed step; first "
         "step: the cold first call (torch.compile and graphduo-traced: includes compilation), timed apart; page "
-        "faults/step: the process's minor page faults over a round's timed steps, per step (median over rounds). "
+        "faults/step: the process's minor page faults over a round's timed steps, per step, median over rounds "
+        "[largest round: the first round also pays for growing the heap]. "
         "torch.compile wraps the model (forward and backward compiled); Adam's step runs as in eager; "
         "inductor's on-disk caches are disabled, so its first step is a full compile.", "",
         "## Ratios", "", markdown_table(RATIO_HEADER, ratio_rows(results, peak)), "",

@@ -111,11 +111,35 @@ def test_host_memory_other_malloc_settings_do_not_stop_it(unset, monkeypatch):
     unrelated tunable is not a choice about these settings: graphduo's still apply."""
     calls = []
     monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.35"))
-    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: type("Libc", (), {
-        "mallopt": staticmethod(lambda param, value: calls.append((param, value)) or 1)}))
+
+    class Libc:
+        def __init__(self, name):
+            self.mallopt = self
+            self.argtypes = self.restype = None
+
+        def __call__(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(runtime.ctypes, "CDLL", Libc)
     note = runtime.reuse_host_memory("reuse", {"MALLOC_ARENA_MAX": "1", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
     assert "kept for reuse" in note
     assert calls == [(runtime._M_MMAP_MAX, 0), (runtime._M_TRIM_THRESHOLD, 1 << 30), (runtime._M_TOP_PAD, 64 << 20)]
+
+
+def test_host_memory_says_what_glibc_accepted(unset, monkeypatch):
+    class Libc:  # refuses the top pad
+        def __init__(self, name):
+            self.mallopt = self
+
+        def __call__(self, param, value):
+            return 0 if param == runtime._M_TOP_PAD else 1
+
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.35"))
+    monkeypatch.setattr(runtime.ctypes, "CDLL", Libc)
+    note = runtime.reuse_host_memory("reuse", {})
+    assert note == "host memory: partly kept for reuse (glibc accepted only: no mmap, no trim)"
+    assert runtime._host_memory_set is True  # what glibc accepted lasts: no second attempt
 
 
 def test_host_memory_leaves_other_c_libraries_alone(unset, monkeypatch):
@@ -130,8 +154,10 @@ def test_host_memory_system_changes_nothing(unset):
 
 
 RESIDENT = textwrap.dedent("""
-    import ctypes, ctypes.util, mmap, sys, threading
-    from graphduo import runtime
+    import ctypes, ctypes.util, importlib.util, mmap, sys, threading
+    spec = importlib.util.spec_from_file_location("runtime", sys.argv[3])  # alone: no JAX, no thread pools
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     if sys.argv[1] == "reuse-without-pad":  # reuse's other two settings, without its top pad
         assert libc.mallopt(runtime._M_MMAP_MAX, 0) == 1 and libc.mallopt(runtime._M_TRIM_THRESHOLD, 1 << 30) == 1
@@ -172,7 +198,8 @@ RESIDENT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(runtime.platform.libc_ver()[0] != "glibc", reason="the policy is glibc's malloc")
+@pytest.mark.skipif(runtime.platform.libc_ver()[0] != "glibc" or sys.maxsize <= 2**32,
+                    reason="the policy is 64-bit glibc's malloc (32-bit thread heaps are 1 MiB)")
 @pytest.mark.parametrize("choice,where", [("reuse", "main"), ("reuse", "thread"), ("system", "main"),
                                           ("system", "thread"), ("reuse-without-pad", "thread")])
 def test_host_memory_reuse_serves_pages_already_mapped(choice, where):
@@ -182,12 +209,14 @@ def test_host_memory_reuse_serves_pages_already_mapped(choice, where):
     faults to come). Negative controls: with ``system`` glibc serves it with fresh ``mmap`` pages,
     none resident until touched; on a worker thread, ``reuse`` without its top pad is not enough:
     the thread's arena unmaps the second 64 MiB heap the freed block had emptied."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, "-c", RESIDENT, choice, where], env=env, capture_output=True,
-                         text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    out = subprocess.run([sys.executable, "-c", RESIDENT, choice, where, runtime.__file__], env=env,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     resident = float(out.stdout.strip())
     if choice == "reuse":  # the controls below: nothing of the new block mapped yet
+        assert "kept for reuse" in out.stderr, out.stderr
         assert resident > 0.99, (resident, out.stderr)
     else:
         assert resident < 0.01, (resident, out.stderr)

@@ -48,4 +48,6 @@ def test_environment_names_the_machine():
     env = environment()
     assert {"jax", "jaxlib", "backend", "device_kind", "cpu", "xla_flags", "host_memory"} <= env.keys()
     assert env["host_memory"] == runtime.host_memory_note()  # conftest.py applied graphduo's default
+    if runtime.platform.libc_ver()[0] == "glibc" and "as the environment" not in env["host_memory"]:
+        assert "kept for reuse" in env["host_memory"]
     assert env["backend"] == "cpu"

@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_runtime(config: Config) -> None:
-    """Settings JAX reads once, at backend start: the entry point's job, never a library module's.
+    """Process-wide settings (XLA's flags, read once at backend start; glibc's malloc policy), the
+    devices and the distributed runtime: the entry point's job, never a library module's.
 
     ``--devices N`` on a CPU creates N virtual devices. A multi-process run joins the others
     through ``jax.distributed.initialize``; a watchdog turns a peer that never arrives into a

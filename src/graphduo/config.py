@@ -91,12 +91,13 @@ class Config:
     init_timeout: int = _field(300, "seconds to wait for every process to join")
     cpu_convolutions: str = _field("eigen", "library behind XLA:CPU's convolutions: eigen (XLA's Eigen path: "
                                    "convolutions 2-3x faster here than jax 0.10's YNNPACK default, the CNN step "
-                                   "1.8x) or xla (whatever this jaxlib picks); set through XLA_FLAGS, unless "
+                                   "1.6-2.3x) or xla (whatever this jaxlib picks); set through XLA_FLAGS, unless "
                                    "XLA_FLAGS already chooses",
                                    choices=CPU_CONVOLUTIONS)
     host_memory: str = _field("reuse", "reuse: keep freed host memory for the next step (glibc malloc: no fresh "
-                              "mmap pages per step; the CNN step at batch 256 ran 1.5x faster) at the price of "
-                              "holding the peak; system: the C library's own policy",
+                              "pages per step; the CNN step at batch 256 on Eigen ran 1.4x faster) at the price of "
+                              "holding the peak; system: the C library's own policy. Applied by the command line; "
+                              "a library user calls graphduo.runtime.reuse_host_memory",
                               choices=HOST_MEMORY)
 
     @property

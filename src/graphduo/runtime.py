@@ -3,7 +3,7 @@
 Two settings live here. First, which library runs XLA:CPU's convolutions. jaxlib 0.10 hands them to
 YNNPACK by default; XLA's older Eigen path runs the CNN's convolutions 2-3x faster on the CPU
 measured, their weight gradients most (experiments/RESULTS.md, "The CNN step": with graphduo's
-formulation the default CNN's traced step at batch 256 took 90 ms on Eigen, 148 ms on YNNPACK).
+formulation the default CNN's traced step at batch 256 took 87 ms on Eigen, 196 ms on YNNPACK).
 The choice is an ``XLA_FLAGS``
 entry, so it covers eager ops and compiled steps alike, and the eager-vs-traced comparison stays
 like for like.
@@ -19,8 +19,8 @@ compiled step's scratch memory from ``malloc`` (on a worker thread) and frees it
 glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh ``mmap`` pages, every call,
 trims a heap's freed top back to the system, and unmaps a thread arena's heap once it empties, so a
 large step touches tens of MiB of new pages every time:
-the default CNN's traced step at batch 256 took ~15,500 page faults and ~30 ms of kernel time per
-step (90 ms in all; 60 ms once freed memory was reused, ``experiments/cnn_step.py``). PyTorch's CPU
+the default CNN's traced step at batch 256 took ~15,600 page faults and ~30 ms of kernel time per
+step (87 ms in all; 63 ms once freed memory was reused, ``experiments/cnn_step.py``). PyTorch's CPU
 tensors come from the same ``malloc``, and its CNN step paid the same in a process shared with JAX
 (98 ms against 45 ms in a probe).
 ``reuse_host_memory("reuse")`` tells glibc to serve every size from its heap and keep what is freed,
@@ -38,6 +38,7 @@ import mmap
 import os
 import pathlib
 import platform
+import threading
 
 CPU_CONVOLUTIONS = ("eigen", "xla")
 """``eigen``: XLA's Eigen convolutions (graphduo's default); ``xla``: whatever this jaxlib picks."""
@@ -104,9 +105,10 @@ _HEAP_PAD = 64 << 20  # a thread arena's heap size: with this pad glibc never un
 _MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 _TUNABLES = ("glibc.malloc.mmap_max", "glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold",
              "glibc.malloc.top_pad")
-_ALLOCATORS = ("malloc", "jemalloc", "tcmalloc", "mimalloc")  # in LD_PRELOAD: someone else's allocator
+_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc", "hoard", "snmalloc")  # in LD_PRELOAD: another allocator
 _host_memory_note = "host memory: the C library's default"
 _host_memory_set = False
+_host_memory_lock = threading.Lock()
 
 
 def reuse_host_memory(choice: str = "reuse", environ: dict[str, str] | None = None) -> str:
@@ -117,7 +119,13 @@ def reuse_host_memory(choice: str = "reuse", environ: dict[str, str] | None = No
     back, and ``mallopt(M_TOP_PAD, 64 MiB)`` stops a worker thread's arena from unmapping each of
     its 64 MiB heaps as soon as it empties (XLA:CPU allocates a step's scratch memory on its worker
     threads), so a step's scratch buffers land on pages already mapped (see the module docstring
-    for what that saves). The pad only reserves address space; pages are mapped when first used.
+    for what that saves). The pad makes glibc grow a heap 64 MiB at a time: address space committed
+    up front (it counts under ``vm.overcommit_memory=2``), pages resident only once touched.
+
+    Side effects, besides holding on to the peak: a large ``calloc`` (``np.zeros``) served from
+    reused memory is zeroed by ``memset`` instead of arriving as fresh zero pages, a large
+    ``realloc`` copies instead of remapping, and freed blocks in the middle of the heap stay
+    resident.
 
     What it cannot cover: a single block over 64 MiB asked for on a worker thread (the CNN's scratch
     memory from batch ~512 up), which glibc maps directly whatever ``M_MMAP_MAX`` says. One arena
@@ -138,26 +146,36 @@ def reuse_host_memory(choice: str = "reuse", environ: dict[str, str] | None = No
     global _host_memory_note, _host_memory_set
     if choice not in HOST_MEMORY:
         raise ValueError(f"unknown host memory choice {choice!r}: choose one of {', '.join(HOST_MEMORY)}")
-    if _host_memory_set:  # mallopt lasts for the life of the process
-        return _host_memory_note
     environ = os.environ if environ is None else environ
-    preload = environ.get("LD_PRELOAD", "")
-    if choice == "system":
-        note = "host memory: the C library's default"
-    elif (any(environ.get(k) for k in _MALLOC_ENV) or any(t in environ.get("GLIBC_TUNABLES", "") for t in _TUNABLES)
-          or any(a in preload for a in _ALLOCATORS)):
-        note = "host memory: as the environment sets it (MALLOC_*, GLIBC_TUNABLES or an LD_PRELOAD allocator)"
-    elif platform.libc_ver()[0] != "glibc":
-        note = "host memory: the C library's default (not glibc, which is what graphduo knows how to tune)"
-    else:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = all(libc.mallopt(param, value) == 1 for param, value in
-                 ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_FREED), (_M_TOP_PAD, _HEAP_PAD)))
-        note = ("host memory: freed buffers kept for reuse (glibc malloc: no mmap, no trim, 64 MiB top pad)" if ok
-                else "host memory: the C library's default (glibc refused mallopt)")
-        _host_memory_set = ok
-    _host_memory_note = note
-    return note
+    preload = os.path.basename(environ.get("LD_PRELOAD", "")).lower()
+    user_set = (any(environ.get(k) for k in _MALLOC_ENV) or any(t in environ.get("GLIBC_TUNABLES", "") for t in _TUNABLES)
+                or any(a in preload for a in _ALLOCATORS))
+    with _host_memory_lock:
+        if _host_memory_set:  # mallopt lasts for the life of the process
+            return _host_memory_note
+        if user_set:
+            note = ("host memory: as the environment sets it (MALLOC_*, GLIBC_TUNABLES or an LD_PRELOAD "
+                    "allocator)")
+        elif choice == "system":
+            note = "host memory: the C library's default"
+        elif platform.libc_ver()[0] != "glibc":
+            note = "host memory: the C library's default (not glibc, which is what graphduo knows how to tune)"
+        else:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            libc.mallopt.restype = ctypes.c_int
+            settings = {"no mmap": (_M_MMAP_MAX, 0), "no trim": (_M_TRIM_THRESHOLD, _KEEP_FREED),
+                        "64 MiB top pad": (_M_TOP_PAD, _HEAP_PAD)}
+            applied = [name for name, (param, value) in settings.items() if libc.mallopt(param, value) == 1]
+            _host_memory_set = bool(applied)
+            if len(applied) == len(settings):
+                note = f"host memory: freed buffers kept for reuse (glibc malloc: {', '.join(applied)})"
+            elif applied:
+                note = f"host memory: partly kept for reuse (glibc accepted only: {', '.join(applied)})"
+            else:
+                note = "host memory: the C library's default (glibc refused mallopt)"
+        _host_memory_note = note
+        return note
 
 
 def host_memory_note() -> str:

@@ -128,7 +128,8 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 def describe_machine(env: dict[str, Any]) -> str:
     """One line naming what ``environment()`` recorded, for the summaries results come with."""
     return (f"{env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), "
-            f"python {env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}; {env['host_memory']}")
+            f"python {env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}; "
+            f"{env.get('host_memory', 'host memory: not recorded')}")
 
 
 def environment() -> dict[str, Any]:
