@@ -220,3 +220,25 @@ def test_multi_process_run_checkpoints_on_sigterm_and_resumes(tmp_path, uninterr
     a, b = load_params(tmp_path / "one.npz"), load_params(tmp_path / "two.npz")
     for key in a:  # two processes all-reduce through gloo: same values up to summation order
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_background_read_errors_are_dropped_and_nothing_else(monkeypatch, capsys):
+    """After a failed restore, a tensorstore read finishing after orbax closed its event loop
+    reports "Event loop is closed" through sys.excepthook (PyErr_Print); graphduo drops exactly that
+    one, so the run's stderr keeps its one-line warning, and any other error still prints."""
+    import threading
+
+    from graphduo import checkpoint
+
+    for obj, name in ((sys, "excepthook"), (sys, "unraisablehook"), (threading, "excepthook")):
+        monkeypatch.setattr(obj, name, getattr(obj, name))  # restored after the test
+    checkpoint._silence_background_errors()
+    checkpoint._silence_background_errors()  # idempotent: one filter, not a chain
+    for err in (RuntimeError("Event loop is closed"), ValueError("a real failure")):
+        try:
+            raise err
+        except Exception:
+            sys.excepthook(*sys.exc_info())
+    printed = capsys.readouterr().err
+    assert "Event loop is closed" not in printed
+    assert "ValueError: a real failure" in printed

@@ -163,6 +163,17 @@ def _silence_background_errors() -> None:
     and would print tracebacks from other threads; the failure is already reported in one line."""
     threading.excepthook = lambda args: None
     sys.unraisablehook = lambda unraisable: None
+    # A read finishing after orbax closed its event loop reports through sys.excepthook (from a
+    # tensorstore thread); only that one error is dropped, the main thread's own still print.
+    if not getattr(sys.excepthook, "_graphduo_filter", False):
+        previous = sys.excepthook
+
+        def hook(exc_type, exc, tb):
+            if not (issubclass(exc_type, RuntimeError) and str(exc) == "Event loop is closed"):
+                previous(exc_type, exc, tb)
+
+        hook._graphduo_filter = True
+        sys.excepthook = hook
     with contextlib.suppress(Exception):
         import asyncio
 
