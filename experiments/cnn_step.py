@@ -82,13 +82,6 @@ def _apply_fns(model):
             "graphduo": models.cnn_apply}
 
 
-def _page_faults() -> int:
-    """Minor page faults of this process so far: memory the kernel had to map (and zero) on first touch."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def child(setting: str, batch_size: int, steps: int, reverse: bool) -> dict:
     from graphduo import runtime
 
@@ -120,13 +113,13 @@ def child(setting: str, batch_size: int, steps: int, reverse: bool) -> dict:
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
         state, _, times = timing.time_steps(step, state, [batch] * (steps + 3), warmup=2)
-        faults = _page_faults()  # steady state: after the timed steps, over FAULT_STEPS more
+        faults = timing.minor_page_faults()  # steady state: after the timed steps, over FAULT_STEPS more
         for _ in range(FAULT_STEPS):
             state, metrics = step(state, batch)
             jax.block_until_ready((state, metrics))
         out["cells"][name] = {"losses": losses, "median_ms": times.median_ms, "p10_ms": times.p10_ms,
                               "p90_ms": times.p90_ms, "compile_s": step.compile_time_s,
-                              "page_faults_per_step": (_page_faults() - faults) / FAULT_STEPS}
+                              "page_faults_per_step": (timing.minor_page_faults() - faults) / FAULT_STEPS}
     return out
 
 

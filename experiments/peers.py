@@ -260,14 +260,6 @@ def steps_for(step_s: float, budget_s: float, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, round(budget_s / step_s))))
 
 
-def page_faults() -> int:
-    """Minor page faults of this process so far: memory the kernel mapped and zeroed on first touch
-    (with the host memory policy working, a step should cause next to none)."""
-    import resource  # POSIX only, as the fault count is
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, Any]:
     label = f"{model_name} b{batch_size}"
     model, tx, gd_state, gd_batch, variants = make_variants(torch, model_name, batch_size)
@@ -285,12 +277,12 @@ def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, A
         order = variants if r % 2 == 0 else variants[::-1]
         for v in order:
             gc.collect()
-            faults = page_faults()
+            faults = timing.minor_page_faults()
             states[v.name], _, t = timing.time_steps(v.step, states[v.name], [v.batch] * (3 + steps[v.name]),
                                                      warmup=2)
             rounds[v.name].append({"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
                                    "times_ms": [x * 1e3 for x in t.times_s],
-                                   "page_faults_per_step": (page_faults() - faults) / (3 + steps[v.name])})
+                                   "page_faults_per_step": (timing.minor_page_faults() - faults) / (3 + steps[v.name])})
         print(f"[{label}] round {r + 1}/{args.rounds}: " + "  ".join(
             f"{n} {rs[-1]['median_ms']:.3g}" for n, rs in rounds.items()) + " ms", file=sys.stderr)
 

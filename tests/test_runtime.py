@@ -106,37 +106,32 @@ def test_host_memory_users_own_allocator_settings_win(unset, environ):
     assert runtime._host_memory_set is False
 
 
-def test_host_memory_other_malloc_settings_do_not_stop_it(unset, monkeypatch):
+@pytest.fixture
+def fake_glibc(monkeypatch):
+    """A glibc whose ``mallopt`` records its calls and refuses the parameters in ``refuse``."""
+    fake = type("FakeLibc", (), {"calls": [], "refuse": ()})()
+
+    def mallopt(param, value):
+        fake.calls.append((param, value))
+        return 0 if param in fake.refuse else 1
+
+    fake.mallopt = mallopt
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.35"))
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: fake)
+    return fake
+
+
+def test_host_memory_other_malloc_settings_do_not_stop_it(unset, fake_glibc):
     """``MALLOC_ARENA_MAX`` (which RESULTS.md suggests for steps with blocks over 64 MiB) or an
     unrelated tunable is not a choice about these settings: graphduo's still apply."""
-    calls = []
-    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.35"))
-
-    class Libc:
-        def __init__(self, name):
-            self.mallopt = self
-            self.argtypes = self.restype = None
-
-        def __call__(self, param, value):
-            calls.append((param, value))
-            return 1
-
-    monkeypatch.setattr(runtime.ctypes, "CDLL", Libc)
     note = runtime.reuse_host_memory("reuse", {"MALLOC_ARENA_MAX": "1", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
     assert "kept for reuse" in note
-    assert calls == [(runtime._M_MMAP_MAX, 0), (runtime._M_TRIM_THRESHOLD, 1 << 30), (runtime._M_TOP_PAD, 64 << 20)]
+    assert fake_glibc.calls == [(runtime._M_MMAP_MAX, 0), (runtime._M_TRIM_THRESHOLD, 1 << 30),
+                                (runtime._M_TOP_PAD, 64 << 20)]
 
 
-def test_host_memory_says_what_glibc_accepted(unset, monkeypatch):
-    class Libc:  # refuses the top pad
-        def __init__(self, name):
-            self.mallopt = self
-
-        def __call__(self, param, value):
-            return 0 if param == runtime._M_TOP_PAD else 1
-
-    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.35"))
-    monkeypatch.setattr(runtime.ctypes, "CDLL", Libc)
+def test_host_memory_says_what_glibc_accepted(unset, fake_glibc):
+    fake_glibc.refuse = (runtime._M_TOP_PAD,)
     note = runtime.reuse_host_memory("reuse", {})
     assert note == "host memory: partly kept for reuse (glibc accepted only: no mmap, no trim)"
     assert runtime._host_memory_set is True  # what glibc accepted lasts: no second attempt

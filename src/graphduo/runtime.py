@@ -32,7 +32,6 @@ starts, and a library user calls ``graphduo.runtime.reuse_host_memory("reuse")``
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import mmap
 import os

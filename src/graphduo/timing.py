@@ -117,6 +117,15 @@ def matmul_peak_flops(n: int = 2048, *, repeats: int = 10) -> float:
     return 2 * n**3 / (times.median_ms / 1e3)
 
 
+def minor_page_faults() -> int:
+    """This process's minor page faults so far (``getrusage``): pages the kernel mapped and zeroed
+    on first touch. Around a step, what the host memory policy (``graphduo.runtime``) should keep
+    near zero. POSIX only."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command that produced a result, quoted so it can be pasted back into a shell."""
     import shlex
