@@ -115,6 +115,7 @@ class Checkpointer:
         if not steps:
             return None
         target = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, _saveable(template))
+        _drop_closed_loop_reports()  # before a damaged checkpoint's reads can race the message below
         damaged = []
         for step in reversed(steps):
             reason = self._damage(step)
@@ -163,17 +164,24 @@ def _silence_background_errors() -> None:
     and would print tracebacks from other threads; the failure is already reported in one line."""
     threading.excepthook = lambda args: None
     sys.unraisablehook = lambda unraisable: None
-    # A read finishing after orbax closed its event loop reports through sys.excepthook (from a
-    # tensorstore thread); only that one error is dropped, the main thread's own still print.
-    if not getattr(sys.excepthook, "_graphduo_filter", False):
-        previous = sys.excepthook
+    _drop_closed_loop_reports()
 
-        def hook(exc_type, exc, tb):
-            if not (issubclass(exc_type, RuntimeError) and str(exc) == "Event loop is closed"):
-                previous(exc_type, exc, tb)
 
-        hook._graphduo_filter = True
-        sys.excepthook = hook
+def _drop_closed_loop_reports() -> None:
+    """A tensorstore read finishing after orbax closed its event loop reports "Event loop is closed"
+    through ``PyErr_Print``, i.e. ``sys.excepthook``, from its own thread, sometimes while the main
+    thread is still receiving the restore's exception; so this is installed before any restore is
+    tried. Only that one error is dropped; every other still prints."""
+    if getattr(sys.excepthook, "_graphduo_filter", False):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if not (issubclass(exc_type, RuntimeError) and str(exc) == "Event loop is closed"):
+            previous(exc_type, exc, tb)
+
+    hook._graphduo_filter = True
+    sys.excepthook = hook
     with contextlib.suppress(Exception):
         import asyncio
 
