@@ -19,6 +19,7 @@ import os
 import pathlib
 import sys
 import threading
+import warnings
 import zlib
 from typing import Any
 
@@ -122,7 +123,8 @@ class Checkpointer:
             if reason is None:
                 args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(target))
                 try:
-                    saved = self.manager.restore(step, args=args)["state"]
+                    with _quiet_event_loops():
+                        saved = self.manager.restore(step, args=args)["state"]
                 except Exception as err:  # orbax/tensorstore raise many types for a damaged folder
                     _silence_background_errors()
                     reason = _first_line(err)
@@ -164,28 +166,67 @@ def _silence_background_errors() -> None:
     and would print tracebacks from other threads; the failure is already reported in one line."""
     threading.excepthook = lambda args: None
     sys.unraisablehook = lambda unraisable: None
+    # The reads that never ran are coroutines collected unawaited, reported at exit at the latest.
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     _drop_closed_loop_reports()
 
 
+@contextlib.contextmanager
+def _quiet_event_loops():
+    """Event loops created inside (orbax runs each restore on a fresh one) drop what they would
+    report through asyncio's exception handler: when one read of a damaged checkpoint fails, its
+    sibling futures and tasks fail too and, once garbage-collected, would each log "Future exception
+    was never retrieved" with a traceback, at any later moment. The restore's own exception still
+    propagates and is reported in one line."""
+    import asyncio
+
+    policy = asyncio.get_event_loop_policy()
+    own = vars(policy).get("new_event_loop")  # an instance attribute someone set, if any
+    make_loop = policy.new_event_loop
+
+    def new_event_loop():
+        loop = make_loop()
+        loop.set_exception_handler(lambda loop, context: None)
+        return loop
+
+    policy.new_event_loop = new_event_loop
+    try:
+        yield
+    finally:
+        if own is None:
+            del policy.new_event_loop  # the class's method again
+        else:
+            policy.new_event_loop = own
+
+
 def _drop_closed_loop_reports() -> None:
-    """A tensorstore read finishing after orbax closed its event loop reports "Event loop is closed"
-    through ``PyErr_Print``, i.e. ``sys.excepthook``, from its own thread, sometimes while the main
-    thread is still receiving the restore's exception; so this is installed before any restore is
-    tried. Only that one error is dropped; every other still prints."""
-    if getattr(sys.excepthook, "_graphduo_filter", False):
-        return
-    previous = sys.excepthook
+    """A tensorstore read finishing after orbax closed its event loop fails to schedule its callback
+    ("Event loop is closed") on tensorstore's own thread, which reports it as an unraisable
+    exception (a bare traceback on stderr), sometimes while the main thread is still receiving the
+    restore's exception; so this is installed before any restore is tried, in ``sys.unraisablehook``
+    and ``sys.excepthook`` alike. Only that one error is dropped; every other still prints."""
+    if not getattr(sys.excepthook, "_graphduo_filter", False):
+        previous = sys.excepthook
 
-    def hook(exc_type, exc, tb):
-        if not (issubclass(exc_type, RuntimeError) and str(exc) == "Event loop is closed"):
-            previous(exc_type, exc, tb)
+        def hook(exc_type, exc, tb):
+            if not _is_closed_loop_error(exc_type, exc):
+                previous(exc_type, exc, tb)
 
-    hook._graphduo_filter = True
-    sys.excepthook = hook
-    with contextlib.suppress(Exception):
-        import asyncio
+        hook._graphduo_filter = True
+        sys.excepthook = hook
+    if not getattr(sys.unraisablehook, "_graphduo_filter", False):
+        previous_unraisable = sys.unraisablehook
 
-        asyncio.get_event_loop_policy().get_event_loop().set_exception_handler(lambda loop, ctx: None)
+        def unraisable_hook(unraisable):
+            if not _is_closed_loop_error(unraisable.exc_type, unraisable.exc_value):
+                previous_unraisable(unraisable)
+
+        unraisable_hook._graphduo_filter = True
+        sys.unraisablehook = unraisable_hook
+
+
+def _is_closed_loop_error(exc_type, exc) -> bool:
+    return exc_type is not None and issubclass(exc_type, RuntimeError) and str(exc) == "Event loop is closed"
 
 
 def _first_line(err: BaseException) -> str:
