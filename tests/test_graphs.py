@@ -7,7 +7,8 @@ import pytest
 
 from graphduo import build_model, make_optimizer
 from graphduo.cli import main
-from graphduo.graphs import example_inputs, hlo_instructions, hlo_to_dot, inspect_eager, inspect_traced
+from graphduo.graphs import (example_inputs, hlo_instructions, hlo_to_dot, inspect_eager, inspect_traced,
+                             kernel_library)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,41 @@ def test_traced_counts_fusions_and_shrinks_the_op_count(mlp_graphs):
     assert ops.count("fusion") >= traced["fusions"]
 
 
+# Lines as XLA prints them (jaxlib 0.10, CPU; a GPU custom call), metadata cut.
+_YNN = ('  %ynn_fusion.6 = f32[256,512]{1,0} fusion(%bitcast, %k), kind=kCustom, calls=%fused_computation.6, '
+        'backend_config={"fusion_config":{"kind":"__ynn_fusion"},"outer_dimension_partitions":[]}')
+_LOOP = ('  %select_select_fusion = f32[256,512]{1,0} fusion(%ynn_fusion.5, %b), kind=kLoop, '
+         'calls=%fused_computation.38, backend_config={"outer_dimension_partitions":["2"]}')
+_DOT = '  %dot.1 = f32[512,512]{1,0} dot(%h, %g), lhs_contracting_dims={0}, rhs_contracting_dims={0}'
+_CUBLAS = '  %custom-call.1 = (f32[256,512]{1,0}, s8[4]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm"'
+
+
+@pytest.mark.parametrize("opcode, line, platform, library", [
+    ("fusion", _YNN, "cpu", "YNNPACK"),
+    ("fusion", _LOOP, "cpu", "XLA codegen"),
+    ("dot", _DOT, "cpu", "Eigen"),
+    ("dot", _DOT, "gpu", "gpu dot"),
+    ("custom-call", _CUBLAS, "gpu", "cuBLAS"),
+    ("custom-call", '  %c = f32[2]{0} custom-call(%a), custom_call_target="my_op"', "cpu", "my_op"),
+    ("sort", "  %sort.1 = f32[8]{0} sort(%a), dimensions={0}", "cpu", "XLA codegen"),
+])
+def test_each_kernel_is_attributed_to_the_library_that_runs_it(opcode, line, platform, library):
+    assert kernel_library(opcode, line, platform) == library
+
+
+def test_the_step_s_kernels_are_counted_by_library(mlp_graphs):
+    traced = mlp_graphs[0]
+    by_library = traced["kernels_by_library"]
+    assert sum(by_library.values()) == traced["kernels_per_step"]
+    text = traced["optimized_hlo"]
+    entry = text[text.index("\nENTRY"):]
+    # Independent count from the text: XLA:CPU's library fusions and its unfused matmuls.
+    assert by_library.get("YNNPACK", 0) == entry.count('"kind":"__ynn_fusion"')
+    assert by_library.get("Eigen", 0) == sum(f" {op}(" in line for line in entry.splitlines()
+                                              for op in ("dot", "convolution"))
+    assert by_library.get("XLA codegen", 0) > 0
+
+
 def test_dot_graph_is_well_formed(mlp_graphs):
     dot = hlo_to_dot(mlp_graphs[0]["optimized_hlo"])
     assert dot.startswith("digraph step {") and dot.endswith("}")
@@ -50,6 +86,7 @@ def test_inspect_cli_text_json_dot(capsys):
     assert main(["inspect", "--model", "mlp", "--mlp-features", "16"]) == 0
     text = capsys.readouterr().out
     assert "kernels launched / step" in text and "ops dispatched / step" in text and "side by side" in text
+    assert "kernels by library       XLA codegen" in text
     assert main(["inspect", "--model", "cnn", "--format", "json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["traced"]["jaxpr_primitives"]["conv_general_dilated"] >= 2

@@ -47,6 +47,38 @@ def hlo_instructions(text: str) -> list[tuple[str, str, str]]:
     return [(comp, name, op) for comp, name, _, op, _ in _parse(text)]
 
 
+# Who runs a kernel, read from the compiled HLO: a fusion XLA hands to a library says so in its
+# backend config ("fusion_config":{"kind":"__ynn_fusion"}); a custom call names its target; XLA:CPU
+# runs an unfused dot or convolution with Eigen; everything else is code XLA generated itself.
+_FUSION_LIBRARIES = {"__ynn": "YNNPACK", "__xnn": "XNNPACK", "__onednn": "oneDNN", "__triton": "Triton",
+                     "__cudnn": "cuDNN", "__cublas": "cuBLAS"}
+_CUSTOM_CALL_LIBRARIES = {"__cublas": "cuBLAS", "__cudnn": "cuDNN", "__onednn": "oneDNN"}
+_FUSION_KIND = re.compile(r'"fusion_config":\{[^}]*"kind":"([^"]+)"')
+_CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def kernel_library(opcode: str, line: str, platform: str = "cpu") -> str:
+    """Which library runs one kernel of a compiled step, from its HLO ``line``: ``YNNPACK``,
+    ``Eigen``, ``cuBLAS``, ... or ``XLA codegen`` for the loops XLA emits itself.
+
+    On XLA:CPU this is where a step's matmul and convolution time goes: for example, the weight
+    gradients of a dense layer (``x.T @ g``, contracting the batch) stay plain ``dot``s, run by
+    Eigen, while the forward matmuls become YNNPACK fusions (experiments/RESULTS.md)."""
+    if opcode == "fusion":
+        kind = _FUSION_KIND.search(line)
+        if kind:
+            return next((lib for prefix, lib in _FUSION_LIBRARIES.items() if kind.group(1).startswith(prefix)),
+                        kind.group(1))
+        return "XLA codegen"
+    if opcode == "custom-call":
+        target = _CUSTOM_CALL_TARGET.search(line)
+        name = target.group(1) if target else "custom-call"
+        return next((lib for prefix, lib in _CUSTOM_CALL_LIBRARIES.items() if name.startswith(prefix)), name)
+    if opcode in ("dot", "convolution"):
+        return "Eigen" if platform == "cpu" else f"{platform} {opcode}"
+    return "XLA codegen"
+
+
 def _entry_name(text: str) -> str:
     for line in text.splitlines():
         if line.startswith("ENTRY"):
@@ -73,6 +105,9 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
     after_instructions = hlo_instructions(after)
     entry_ops = [op for comp, _, op in after_instructions if comp == entry]
     kernels = [op for op in entry_ops if op not in _NOT_KERNELS]
+    platform = jax.devices()[0].platform
+    libraries = collections.Counter(kernel_library(op, line, platform) for comp, _, _, op, line in _parse(after)
+                                    if comp == entry and op not in _NOT_KERNELS)
     return {
         "jaxpr_equations": sum(primitives.values()),
         "jaxpr_primitives": dict(primitives.most_common()),
@@ -81,6 +116,7 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
         "fusions": entry_ops.count("fusion"),
         "kernels_per_step": len(kernels),
         "kernels_by_opcode": dict(collections.Counter(kernels).most_common()),
+        "kernels_by_library": dict(libraries.most_common()),
         "cost": stages.cost_analysis(),
         "memory": stages.memory_analysis(),
         "compile": {"trace_s": stages.record.trace_s, "lower_s": stages.record.lower_s,
@@ -182,6 +218,7 @@ def format_report(model_name: str, batch_size: int, traced: dict, eager: dict, t
         f"  HLO instructions         {traced['hlo_instructions_before_optimization']} before XLA's passes, "
         f"{traced['hlo_instructions_after_optimization']} after",
         f"  kernels launched / step  {traced['kernels_per_step']} ({traced['fusions']} fusions)",
+        "  kernels by library       " + ", ".join(f"{lib} {n}" for lib, n in traced["kernels_by_library"].items()),
         f"  FLOPs / step             {cost.get('flops', 0):,.0f}",
         f"  bytes accessed / step    {cost.get('bytes accessed', 0):,.0f}",
         f"  memory                   arguments {mem.get('argument_size_in_bytes', 0):,} B, temporaries "
