@@ -77,9 +77,12 @@ def test_the_step_s_kernels_are_counted_by_library(mlp_graphs):
 
 
 def test_dot_graph_is_well_formed(mlp_graphs):
-    dot = hlo_to_dot(mlp_graphs[0]["optimized_hlo"])
+    traced = mlp_graphs[0]
+    dot = hlo_to_dot(traced["optimized_hlo"], traced["platform"])
     assert dot.startswith("digraph step {") and dot.endswith("}")
     assert dot.count("->") > 10 and "fusion" in dot
+    for library, count in traced["kernels_by_library"].items():  # every kernel labelled with its library
+        assert dot.count(f"\\n{library}\"") == count
 
 
 def test_inspect_cli_text_json_dot(capsys):

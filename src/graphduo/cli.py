@@ -271,7 +271,7 @@ def _inspect(config: Config, args) -> int:
     run = prepare(config)
     state, batch = graphs.example_inputs(run.model, run.tx, config.batch_size, config.seed)
     traced_graph = graphs.inspect_traced(run.model, run.tx, state, batch)
-    dot = graphs.hlo_to_dot(traced_graph["optimized_hlo"])
+    dot = graphs.hlo_to_dot(traced_graph["optimized_hlo"], traced_graph["platform"])
     if args.format == "dot":
         print(dot)
     else:

@@ -117,6 +117,7 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
         "kernels_per_step": len(kernels),
         "kernels_by_opcode": dict(collections.Counter(kernels).most_common()),
         "kernels_by_library": dict(libraries.most_common()),
+        "platform": platform,
         "cost": stages.cost_analysis(),
         "memory": stages.memory_analysis(),
         "compile": {"trace_s": stages.record.trace_s, "lower_s": stages.record.lower_s,
@@ -125,15 +126,23 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
     }
 
 
-def hlo_to_dot(text: str) -> str:
-    """The optimized entry computation as a Graphviz DOT graph: kernels as boxes, data as edges."""
+_LIBRARY_COLOURS = {"XLA codegen": "#cfe2ff", "YNNPACK": "#d1e7dd", "XNNPACK": "#d1e7dd", "Eigen": "#ffe5d0"}
+
+
+def hlo_to_dot(text: str, platform: str = "cpu") -> str:
+    """The optimized entry computation as a Graphviz DOT graph: kernels as filled boxes labelled
+    and coloured by the library that runs them (``kernel_library``), data as edges."""
     entry = _entry_name(text)
     instructions = [i for i in _parse(text) if i[0] == entry]
     names = {name for _, name, _, _, _ in instructions}
     lines = ["digraph step {", "  rankdir=TB; node [shape=box, fontsize=10];"]
     for _, name, shape, opcode, line in instructions:
-        style = ', style=filled, fillcolor="#cfe2ff"' if opcode == "fusion" else ""
-        lines.append(f'  "{name}" [label="{opcode}\\n{shape[:40]}"{style}];')
+        label, style = f"{opcode}\\n{shape[:40]}", ""
+        if opcode not in _NOT_KERNELS:
+            library = kernel_library(opcode, line, platform)
+            label += f"\\n{library}"
+            style = f', style=filled, fillcolor="{_LIBRARY_COLOURS.get(library, "#f8d7da")}"'
+        lines.append(f'  "{name}" [label="{label}"{style}];')
         operands = line[line.index(opcode + "(") + len(opcode) + 1:]
         for operand in re.findall(r"%?([\w.\-]+)", operands.split(")")[0]):
             if operand in names and operand != name:
