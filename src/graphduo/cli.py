@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser(
         "inspect", help="show both graphs of one training step: compiled kernels and eager ops",
         description="Inspect one training step in both paradigms. traced: jaxpr equations by primitive, HLO "
-                    "instructions before and after XLA's optimization passes, fusions (kernels) per step, FLOPs, "
+                    "instructions before and after XLA's optimization passes, fusions (kernels) per step and the "
+                    "library that runs each (XLA's own loops, YNNPACK, Eigen; cuBLAS, cuDNN on a GPU), FLOPs, "
                     "bytes, memory, and the graph as Graphviz DOT. eager: every op dispatched in one step, in "
                     "order, each timed to completion, grouped by primitive and phase (forward, backward, update).",
         epilog="examples: graphduo inspect --model mlp --batch-size 256; graphduo inspect --format dot > step.dot; "
