@@ -56,6 +56,9 @@ _CUBLAS = '  %custom-call.1 = (f32[256,512]{1,0}, s8[4]{0}) custom-call(%a, %b),
     ("dot", _DOT, "cpu", "Eigen"),
     ("dot", _DOT, "gpu", "gpu dot"),
     ("custom-call", _CUBLAS, "gpu", "cuBLAS"),
+    ("fusion", '  %f = f32[8,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%c, backend_config={"operation_queue_id":"0",'
+               '"fusion_backend_config":{"kind":"__triton_gemm","triton_gemm_config":{"block_m":"64"}}}',
+     "gpu", "Triton"),
     ("custom-call", '  %c = f32[2]{0} custom-call(%a), custom_call_target="my_op"', "cpu", "my_op"),
     ("sort", "  %sort.1 = f32[8]{0} sort(%a), dimensions={0}", "cpu", "XLA codegen"),
 ])

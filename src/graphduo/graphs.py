@@ -48,12 +48,13 @@ def hlo_instructions(text: str) -> list[tuple[str, str, str]]:
 
 
 # Who runs a kernel, read from the compiled HLO: a fusion XLA hands to a library says so in its
-# backend config ("fusion_config":{"kind":"__ynn_fusion"}); a custom call names its target; XLA:CPU
+# backend config (CPU: "fusion_config":{"kind":"__ynn_fusion"}; GPU: "fusion_backend_config":
+# {"kind":"__cudnn$fusion"}, "__triton_gemm"); a custom call names its target; XLA:CPU
 # runs an unfused dot or convolution with Eigen; everything else is code XLA generated itself.
 _FUSION_LIBRARIES = {"__ynn": "YNNPACK", "__xnn": "XNNPACK", "__onednn": "oneDNN", "__triton": "Triton",
                      "__cudnn": "cuDNN", "__cublas": "cuBLAS"}
 _CUSTOM_CALL_LIBRARIES = {"__cublas": "cuBLAS", "__cudnn": "cuDNN", "__onednn": "oneDNN"}
-_FUSION_KIND = re.compile(r'"fusion_config":\{[^}]*"kind":"([^"]+)"')
+_FUSION_KIND = re.compile(r'"(?:fusion_config|fusion_backend_config)":\{[^}]*"kind":"([^"]+)"')  # CPU | GPU
 _CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
 
