@@ -26,7 +26,8 @@ from graphduo.traced import TracedStep
 
 # HLO opcodes that move no data and launch nothing: not kernels.
 _NOT_KERNELS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy-start", "copy-done"}
-_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*([^ ]+)\s+([\w\-]+)\(")
+# name = shape opcode(...); a shape is an array type or a tuple of them, "(f32[8]{0}, s32[8]{0})".
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w\-]+)\(")
 
 
 def _parse(text: str):
