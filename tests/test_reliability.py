@@ -168,6 +168,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, uninter
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"checkpoint at step {steps[-1]}" in resumed.stderr and "trying the previous one" in resumed.stderr
     assert "Traceback" not in resumed.stderr
+    assert "never retrieved" not in resumed.stderr and "never awaited" not in resumed.stderr
     assert f"from the checkpoint at step {steps[-2]}" in resumed.stderr
     _assert_identical(load_params(tmp_path / "params.npz"), uninterrupted("traced"))
 
@@ -186,6 +187,7 @@ def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("graphduo train: error: none of the checkpoints in") and "delete that folder" in last
     assert "Traceback" not in result.stderr
+    assert "never retrieved" not in result.stderr and "never awaited" not in result.stderr
 
 
 def test_a_run_directory_of_another_configuration_is_refused(tmp_path):
@@ -222,12 +224,22 @@ def test_multi_process_run_checkpoints_on_sigterm_and_resumes(tmp_path, uninterr
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def _orbax_coroutine():
+    """A coroutine whose code says it is orbax's, as a failed restore's unfinished reads are."""
+    namespace = {}
+    exec(compile("async def _read_array_index_and_device_put():\n    pass\n",
+                 f"{os.sep}site-packages{os.sep}orbax{os.sep}serialization.py", "exec"), namespace)
+    return namespace["_read_array_index_and_device_put"]()
+
+
 def test_background_read_errors_are_dropped_and_nothing_else(monkeypatch, capsys):
-    """A tensorstore read finishing after orbax closed a failed restore's event loop reports "Event
-    loop is closed" as an unraisable exception from its own thread (seen as a bare traceback on
-    stderr, 1 run in 6 here); graphduo drops exactly that one, through either hook, so the run's
-    stderr keeps its one-line warning, and any other error still prints."""
+    """What a failed restore's leftover reads report from other threads, at any moment: a tensorstore
+    read finishing after orbax closed the event loop ("Event loop is closed", an unraisable exception
+    on tensorstore's thread: a bare traceback, 1 run in 6 here before the filter), and orbax's
+    unfinished read coroutines finalized with their errors ("Exception ignored in: <coroutine>").
+    graphduo drops exactly these, through either hook; any other error still prints."""
     import threading
+    import types
 
     from graphduo import checkpoint
 
@@ -238,10 +250,10 @@ def test_background_read_errors_are_dropped_and_nothing_else(monkeypatch, capsys
         def __del__(self):
             raise self.err
 
-    for obj, name in ((sys, "excepthook"), (threading, "excepthook")):
-        monkeypatch.setattr(obj, name, getattr(obj, name))  # restored after the test
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
     unraisable = []  # what reaches the hook graphduo's filter passes on to (pytest's, otherwise)
     monkeypatch.setattr(sys, "unraisablehook", lambda args: unraisable.append(repr(args.exc_value)))
+    thread_hook = threading.excepthook
     checkpoint._drop_closed_loop_reports()
     checkpoint._drop_closed_loop_reports()  # idempotent: one filter, not a chain
     for err in (RuntimeError("Event loop is closed"), ValueError("a real failure")):
@@ -251,39 +263,47 @@ def test_background_read_errors_are_dropped_and_nothing_else(monkeypatch, capsys
             sys.excepthook(*sys.exc_info())
     RaisesWhenCollected(RuntimeError("Event loop is closed"))
     RaisesWhenCollected(KeyError("another real failure"))
+    for coroutine in (_orbax_coroutine(), (lambda: (yield))()):  # orbax's, and a generator (not)
+        sys.unraisablehook(types.SimpleNamespace(exc_type=OSError, exc_value=OSError("read failed"),
+                                                 exc_traceback=None, err_msg=None, object=coroutine))
+        coroutine.close()
     printed = capsys.readouterr().err
     assert "Event loop is closed" not in printed
     assert "ValueError: a real failure" in printed
-    assert unraisable == ['KeyError(\'another real failure\')']
+    assert unraisable == ["KeyError('another real failure')", "OSError('read failed')"]
+    assert threading.excepthook is thread_hook  # other threads' errors untouched
 
 
 def test_a_failed_restores_orphaned_reads_are_not_reported(monkeypatch, caplog):
     """When one read of a damaged checkpoint fails, orbax's other reads fail or never run; their
-    futures would log "Future exception was never retrieved" when collected, and their coroutines
-    warn "never awaited" at exit. The event loops a restore creates drop the former; the latter is
-    ignored once a restore has failed. Loops created elsewhere still report (negative control)."""
+    futures would log "... exception was never retrieved" when collected, and their coroutines warn
+    "never awaited" at exit. The event loops a restore creates drop the former and pass any other
+    report on; the latter is ignored once a restore has failed. Loops created elsewhere still report
+    (negative control)."""
     import asyncio
     import gc
     import warnings
 
-    import threading
-
     from graphduo import checkpoint
 
-    for obj, name in ((sys, "excepthook"), (sys, "unraisablehook"), (threading, "excepthook")):
-        monkeypatch.setattr(obj, name, getattr(obj, name))  # restored after the test
+    for name in ("excepthook", "unraisablehook"):
+        monkeypatch.setattr(sys, name, getattr(sys, name))  # restored after the test
 
     def orphan_a_failed_future(loop):
         loop.create_future().set_exception(ValueError("a sibling read failed"))
         gc.collect()
-        loop.close()
 
     with checkpoint._quiet_event_loops():
         loop = asyncio.new_event_loop()
     assert "new_event_loop" not in vars(asyncio.get_event_loop_policy())  # the policy's own again
     orphan_a_failed_future(loop)
     assert "never retrieved" not in caplog.text
-    orphan_a_failed_future(asyncio.new_event_loop())
+    loop.call_exception_handler({"message": "something else went wrong"})
+    assert "something else went wrong" in caplog.text
+    loop.close()
+    other = asyncio.new_event_loop()
+    orphan_a_failed_future(other)
+    other.close()
     assert "Future exception was never retrieved" in caplog.text
 
     async def read():

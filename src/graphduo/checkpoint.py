@@ -162,49 +162,61 @@ def _fingerprint(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
 
 
 def _silence_background_errors() -> None:
-    """After orbax failed to read a damaged checkpoint, its still-pending background reads fail too
-    and would print tracebacks from other threads; the failure is already reported in one line."""
-    threading.excepthook = lambda args: None
-    sys.unraisablehook = lambda unraisable: None
-    # The reads that never ran are coroutines collected unawaited, reported at exit at the latest.
+    """After orbax failed to read a damaged checkpoint, the reads that never ran are coroutines
+    collected unawaited, each warned about ("coroutine ... was never awaited") at exit at the latest;
+    the failure is already reported in one line. From then on this process ignores that warning."""
     warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     _drop_closed_loop_reports()
 
 
+_POLICY_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _quiet_event_loops():
-    """Event loops created inside (orbax runs each restore on a fresh one) drop what they would
-    report through asyncio's exception handler: when one read of a damaged checkpoint fails, its
-    sibling futures and tasks fail too and, once garbage-collected, would each log "Future exception
-    was never retrieved" with a traceback, at any later moment. The restore's own exception still
-    propagates and is reported in one line."""
+    """Event loops created inside (orbax runs each restore on a fresh one) drop asyncio's "Future
+    exception was never retrieved" reports: when one read of a damaged checkpoint fails, its sibling
+    futures and tasks fail too and, once garbage-collected, would each log that with a traceback, at
+    any later moment. The restore's own exception still propagates and is reported in one line;
+    every other report of those loops goes to asyncio's default handler. (When the caller already
+    runs an event loop, orbax may use uvloop's, which this does not reach: the reports then show.)"""
     import asyncio
 
-    policy = asyncio.get_event_loop_policy()
-    own = vars(policy).get("new_event_loop")  # an instance attribute someone set, if any
-    make_loop = policy.new_event_loop
+    def handler(loop, context):
+        # "Future ...", "Task ...", "_GatheringFuture exception was never retrieved": the class's name
+        if not str(context.get("message", "")).endswith(" exception was never retrieved"):
+            loop.default_exception_handler(context)
 
-    def new_event_loop():
-        loop = make_loop()
-        loop.set_exception_handler(lambda loop, context: None)
-        return loop
+    # Python 3.14 deprecates the public getter in favour of a private one: use that where it exists.
+    policy = getattr(asyncio.events, "_get_event_loop_policy", asyncio.get_event_loop_policy)()
+    with _POLICY_LOCK:  # one restore at a time patches the policy, and puts back what it found
+        own = vars(policy).get("new_event_loop")  # an instance attribute someone set, if any
+        make_loop = policy.new_event_loop
 
-    policy.new_event_loop = new_event_loop
-    try:
-        yield
-    finally:
-        if own is None:
-            del policy.new_event_loop  # the class's method again
-        else:
-            policy.new_event_loop = own
+        def new_event_loop():
+            loop = make_loop()
+            loop.set_exception_handler(handler)
+            return loop
+
+        policy.new_event_loop = new_event_loop
+        try:
+            yield
+        finally:
+            if own is None:
+                del policy.new_event_loop  # the class's method again
+            else:
+                policy.new_event_loop = own
 
 
 def _drop_closed_loop_reports() -> None:
-    """A tensorstore read finishing after orbax closed its event loop fails to schedule its callback
-    ("Event loop is closed") on tensorstore's own thread, which reports it as an unraisable
-    exception (a bare traceback on stderr), sometimes while the main thread is still receiving the
-    restore's exception; so this is installed before any restore is tried, in ``sys.unraisablehook``
-    and ``sys.excepthook`` alike. Only that one error is dropped; every other still prints."""
+    """Filters for what a failed restore's leftover reads report, sometimes while the main thread is
+    still receiving the restore's exception; so they are installed before any restore is tried.
+    A tensorstore read finishing after orbax closed its event loop fails to schedule its callback
+    ("Event loop is closed") on tensorstore's own thread, which reports it as an unraisable exception
+    (a bare traceback on stderr; dropped from ``sys.unraisablehook`` and ``sys.excepthook`` alike);
+    and orbax's unfinished read coroutines, finalized with their errors, report those as unraisable
+    ("Exception ignored in: <coroutine ...>"; dropped when the coroutine's code is orbax's). Every
+    other error still prints."""
     if not getattr(sys.excepthook, "_graphduo_filter", False):
         previous = sys.excepthook
 
@@ -218,11 +230,18 @@ def _drop_closed_loop_reports() -> None:
         previous_unraisable = sys.unraisablehook
 
         def unraisable_hook(unraisable):
-            if not _is_closed_loop_error(unraisable.exc_type, unraisable.exc_value):
+            if not (_is_closed_loop_error(unraisable.exc_type, unraisable.exc_value)
+                    or _is_orbax_coroutine(unraisable.object)):
                 previous_unraisable(unraisable)
 
         unraisable_hook._graphduo_filter = True
         sys.unraisablehook = unraisable_hook
+
+
+def _is_orbax_coroutine(obj) -> bool:
+    """A coroutine of orbax's (a sibling read of a failed restore, finalized with its error)."""
+    code = getattr(obj, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
 def _is_closed_loop_error(exc_type, exc) -> bool:
