@@ -104,20 +104,19 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
     before = stages.lowered.as_text(dialect="hlo")
     after = stages.compiled.as_text()
     entry = _entry_name(after)
-    after_instructions = hlo_instructions(after)
-    entry_ops = [op for comp, _, op in after_instructions if comp == entry]
-    kernels = [op for op in entry_ops if op not in _NOT_KERNELS]
+    after_instructions = list(_parse(after))
+    entry_ops = [(op, line) for comp, _, _, op, line in after_instructions if comp == entry]
+    kernels = [(op, line) for op, line in entry_ops if op not in _NOT_KERNELS]
     platform = jax.devices()[0].platform
-    libraries = collections.Counter(kernel_library(op, line, platform) for comp, _, _, op, line in _parse(after)
-                                    if comp == entry and op not in _NOT_KERNELS)
+    libraries = collections.Counter(kernel_library(op, line, platform) for op, line in kernels)
     return {
         "jaxpr_equations": sum(primitives.values()),
         "jaxpr_primitives": dict(primitives.most_common()),
         "hlo_instructions_before_optimization": len(hlo_instructions(before)),
         "hlo_instructions_after_optimization": len(after_instructions),
-        "fusions": entry_ops.count("fusion"),
+        "fusions": sum(op == "fusion" for op, _ in entry_ops),
         "kernels_per_step": len(kernels),
-        "kernels_by_opcode": dict(collections.Counter(kernels).most_common()),
+        "kernels_by_opcode": dict(collections.Counter(op for op, _ in kernels).most_common()),
         "kernels_by_library": dict(libraries.most_common()),
         "platform": platform,
         "cost": stages.cost_analysis(),
