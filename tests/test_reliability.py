@@ -254,8 +254,8 @@ def test_background_read_errors_are_dropped_and_nothing_else(monkeypatch, capsys
     unraisable = []  # what reaches the hook graphduo's filter passes on to (pytest's, otherwise)
     monkeypatch.setattr(sys, "unraisablehook", lambda args: unraisable.append(repr(args.exc_value)))
     thread_hook = threading.excepthook
-    checkpoint._drop_closed_loop_reports()
-    checkpoint._drop_closed_loop_reports()  # idempotent: one filter, not a chain
+    checkpoint._filter_leftover_read_reports()
+    checkpoint._filter_leftover_read_reports()  # idempotent: one filter, not a chain
     for err in (RuntimeError("Event loop is closed"), ValueError("a real failure")):
         try:
             raise err
@@ -315,7 +315,7 @@ def test_a_failed_restores_orphaned_reads_are_not_reported(monkeypatch, caplog):
         gc.collect()
         assert [str(w.message) for w in seen] == ["coroutine 'test_a_failed_restores_orphaned_reads_are_not_reported."
                                                   "<locals>.read' was never awaited"]
-        checkpoint._silence_background_errors()
+        checkpoint._ignore_unawaited_reads()
         read()
         gc.collect()
         assert len(seen) == 1

@@ -116,7 +116,7 @@ class Checkpointer:
         if not steps:
             return None
         target = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, _saveable(template))
-        _drop_closed_loop_reports()  # before a damaged checkpoint's reads can race the message below
+        _filter_leftover_read_reports()  # before a damaged checkpoint's reads can race the message below
         damaged = []
         for step in reversed(steps):
             reason = self._damage(step)
@@ -126,7 +126,7 @@ class Checkpointer:
                     with _quiet_event_loops():
                         saved = self.manager.restore(step, args=args)["state"]
                 except Exception as err:  # orbax/tensorstore raise many types for a damaged folder
-                    _silence_background_errors()
+                    _ignore_unawaited_reads()
                     reason = _first_line(err)
             if reason is not None:
                 log.warning("checkpoint at step %d in %s cannot be restored (%s); trying the previous one",
@@ -161,12 +161,11 @@ def _fingerprint(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _silence_background_errors() -> None:
+def _ignore_unawaited_reads() -> None:
     """After orbax failed to read a damaged checkpoint, the reads that never ran are coroutines
     collected unawaited, each warned about ("coroutine ... was never awaited") at exit at the latest;
     the failure is already reported in one line. From then on this process ignores that warning."""
     warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
-    _drop_closed_loop_reports()
 
 
 _POLICY_LOCK = threading.Lock()
@@ -208,7 +207,7 @@ def _quiet_event_loops():
                 policy.new_event_loop = own
 
 
-def _drop_closed_loop_reports() -> None:
+def _filter_leftover_read_reports() -> None:
     """Filters for what a failed restore's leftover reads report, sometimes while the main thread is
     still receiving the restore's exception; so they are installed before any restore is tried.
     A tensorstore read finishing after orbax closed its event loop fails to schedule its callback
