@@ -1,10 +1,13 @@
 """The timing harness and the break-even arithmetic."""
 
+import re
+import tempfile
+
 import jax.numpy as jnp
 import pytest
 
 from graphduo import runtime
-from graphduo.timing import StepTimes, break_even_steps, environment, time_steps
+from graphduo.timing import StepTimes, break_even_steps, environment, time_steps, writable_folder
 
 
 @pytest.mark.parametrize("eager,traced,expected", [
@@ -47,7 +50,26 @@ def test_step_times_summary():
 def test_environment_names_the_machine():
     env = environment()
     assert {"jax", "jaxlib", "backend", "device_kind", "cpu", "xla_flags", "host_memory"} <= env.keys()
+    assert re.fullmatch(r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ", env["recorded_utc"])  # when it was measured
     assert env["host_memory"] == runtime.host_memory_note()  # conftest.py applied graphduo's default
     if runtime.platform.libc_ver()[0] == "glibc" and "as the environment" not in env["host_memory"]:
         assert "kept for reuse" in env["host_memory"]
     assert env["backend"] == "cpu"
+
+
+def test_writable_folder_makes_the_folder_or_names_the_problem(tmp_path, monkeypatch):
+    assert writable_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe file is gone
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"^--out .*/f is a file, not a folder: give a folder path$"):
+        writable_folder(tmp_path / "f")
+    with pytest.raises(ValueError, match=r"^--out .*/f/sub: .*/f is a file, not a folder"):
+        writable_folder(tmp_path / "f" / "sub")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(ValueError, match=r"^--results .*/c: cannot write in .*/c \(Permission denied\): give a "
+                                         r"writable path$"):
+        writable_folder(tmp_path / "c", "--results")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import platform
 import statistics
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from graphduo import runtime
+from graphduo import paths, runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,16 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
 
 
+def writable_folder(path: str | os.PathLike, what: str = "--out") -> pathlib.Path:
+    """``path`` as a folder that exists and can be written to, made if missing (with its parents).
+
+    For commands that write their results at the end of a long run: call it first, so a bad path
+    fails in a second with one line, not after the measurement. Raises ``ValueError`` whose message
+    names ``what``, the path, the problem and the fix.
+    """
+    return paths.output_folder(path, what, create=True)
+
+
 def describe_machine(env: dict[str, Any]) -> str:
     """One line naming what ``environment()`` recorded, for the summaries results come with."""
     return (f"{env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), "
@@ -157,6 +168,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host_memory": runtime.host_memory_note(),
+        "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
