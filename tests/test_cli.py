@@ -106,6 +106,58 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, in_tmp, argv, m
     assert sorted(p.name for p in in_tmp.iterdir()) == []  # no run directory, no data folder
 
 
+# Output paths that cannot be written: refused before any training, with nothing left on disk (the
+# folder each test runs in holds only the file and folder made here).
+BAD_OUTPUTS = [
+    pytest.param(["--run-dir", "afile"], "--run-dir afile is a file, not a folder", id="run-dir-file"),
+    pytest.param(["--run-dir", "afile/run"], "afile is a file, not a folder", id="run-dir-under-file"),
+    pytest.param(["--params-out", "adir"], "--params-out adir is a folder: give a file path", id="params-out-folder"),
+    pytest.param(["--params-out", "afile/p.npz"], "--params-out's folder afile is a file", id="params-out-under-file"),
+    pytest.param(["--profile", "afile"], "--profile afile is a file, not a folder", id="profile-file"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_OUTPUTS)
+def test_unwritable_outputs_fail_before_training(capsys, in_tmp, argv, message):
+    (in_tmp / "afile").write_text("not a folder")
+    (in_tmp / "adir").mkdir()
+    code, out, err = run(capsys, "train", "--quiet", "--model", "mlp", "--steps", "3", *argv)
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err and out == ""
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["adir", "afile"]
+    assert list((in_tmp / "adir").iterdir()) == []
+
+
+def test_a_folder_that_cannot_be_written_is_named(capsys, in_tmp, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)  # as a read-only folder would (tests may run as root)
+    code, _, err = run(capsys, "train", "--quiet", "--model", "mlp", "--steps", "3", "--run-dir", "r")
+    assert code == 2 and "--run-dir r: cannot write in . (Permission denied): give a writable path" in err, err
+    assert list(in_tmp.iterdir()) == []
+
+
+def test_running_a_finished_run_again_changes_nothing(capsys, in_tmp):
+    def argv(steps, *extra):
+        return ["train", "--quiet", "--model", "mlp", "--mlp-features", "16", "--steps", steps,
+                "--checkpoint-every", "3", "--run-dir", "r", "--json", *extra]
+
+    code, out, _ = run(capsys, *argv("6"))
+    assert code == 0
+    first = json.loads(out)
+    files = {name: (in_tmp / "r" / name).read_bytes() for name in ("summary.json", "metrics.jsonl", "config.json")}
+    for steps in ("6", "4"):  # the same command (a requeued job), or one asking for fewer steps
+        code, out, err = run(capsys, *argv(steps, "--params-out", "p.npz"))
+        assert code == 0, err
+        assert json.loads(out) == first  # the run's own summary, not figures of zero steps
+        assert "r already finished at step 6" in err and "nothing to train" in err
+        assert {name: (in_tmp / "r" / name).read_bytes() for name in files} == files
+    assert (in_tmp / "p.npz").exists()  # asked for: the finished run's parameters
+
+
 @pytest.mark.parametrize("corrupt,message", [
     pytest.param("truncate", "truncated", id="truncated-file"),
     pytest.param("label", "out of range", id="label-out-of-range"),
@@ -140,6 +192,31 @@ def test_help_teaches(capsys):
                  "--dataset {digits,mnist,fashion-mnist,cifar10,synthetic}", "(default: 32)", "--json",
                  "--cpu-convolutions {eigen,xla}", "--host-memory {reuse,system}"):
         assert flag in out
+    assert "examples: graphduo train" in out
+
+
+@pytest.mark.parametrize("command,wording,not_there", [
+    ("compare", ("model to compare", "steps to train in each mode", "no progress line"), "instead of --epochs"),
+    ("inspect", ("model whose training step to inspect", "batch size of the inspected step"), "partial batch"),
+])
+def test_each_command_words_its_own_help(capsys, command, wording, not_there):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert all(w in out for w in wording) and not_there not in out and "examples: graphduo" in out
+
+
+def test_version_and_launch_names_what_it_runs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("graphduo ")
+    code, _, err = run(capsys, "launch", "--", "compare", "--model", "mlp")
+    assert code == 2 and "launch runs 'train' only, not 'compare'" in err and err.count("\n") == 1
+
+
+def test_compare_checks_its_data_before_announcing_a_run(capsys, in_tmp):
+    code, out, err = run(capsys, "compare", "--dataset", "mnist", "--data-dir", str(in_tmp / "none"))
+    assert code == 2 and err.startswith("graphduo compare: error: mnist: missing") and err.count("\n") == 1, err
 
 
 def test_real_process_exit_codes_and_no_traceback(in_tmp):

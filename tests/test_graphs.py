@@ -1,6 +1,8 @@
 """``graphduo inspect``: both graphs of a step, measured from JAX's and XLA's own artefacts."""
 
 import json
+import os
+import sys
 
 import jax
 import pytest
@@ -8,7 +10,7 @@ import pytest
 from graphduo import build_model, make_optimizer
 from graphduo.cli import main
 from graphduo.graphs import (example_inputs, hlo_instructions, hlo_to_dot, inspect_eager, inspect_traced,
-                             kernel_library)
+                             kernel_library, median_op_times)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +130,60 @@ def test_train_profile_writes_a_perfetto_trace(tmp_path):
                               profile=str(tmp_path / "prof")), progress=False)
     traces = list((tmp_path / "prof").rglob("*.trace.json.gz")) + list((tmp_path / "prof").rglob("perfetto_trace*"))
     assert traces, list((tmp_path / "prof").rglob("*"))
+
+
+def test_eager_op_times_are_medians_over_replays():
+    replays = [[{"op": "dot_general", "time_us": t1}, {"op": "add", "time_us": t2}]
+               for t1, t2 in ((10.0, 1.0), (500.0, 2.0), (12.0, 3.0))]
+    assert [op["time_us"] for op in median_op_times(replays)] == [12.0, 2.0]  # not the first (10), not the mean
+    with pytest.raises(ValueError, match="different ops"):
+        median_op_times([replays[0], replays[0][:1]])
+
+
+@pytest.fixture
+def fake_dot(tmp_path, monkeypatch):
+    """A stand-in for Graphviz's ``dot`` on PATH (CI machines need not have Graphviz): it writes its
+    input wrapped in <svg> to -o FILE, or fails like dot on a syntax error when told to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "dot"
+    script.write_text(f"""#!{sys.executable}
+import os, sys
+text = sys.stdin.read()
+if os.environ.get("FAKE_DOT_FAILS"):
+    sys.exit("Error: <stdin>: syntax error in line 1")
+open(sys.argv[sys.argv.index("-o") + 1], "w").write("<svg>" + text + "</svg>")
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir) + os.pathsep + os.environ["PATH"])
+    return tmp_path
+
+
+def test_inspect_svg_renders_all_or_nothing(fake_dot, capsys, monkeypatch):
+    out = fake_dot / "graphs" / "step.svg"
+    argv = ["inspect", "--model", "mlp", "--mlp-features", "16", "--format", "dot", "--svg", str(out)]
+    assert main(argv) == 0
+    assert out.read_text().startswith("<svg>digraph step {") and "wrote" in capsys.readouterr().err
+    out.unlink()
+    monkeypatch.setenv("FAKE_DOT_FAILS", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Graphviz's dot could not render" in err and "syntax error in line 1" in err
+    assert list(out.parent.iterdir()) == []  # no SVG, no temporary file
+
+
+@pytest.mark.parametrize("where,message", [
+    ("folder", "is a folder: give a file path"),
+    ("under-a-file", "is a file, not a folder"),
+    ("no-dot", "--svg needs Graphviz's dot program"),
+])
+def test_inspect_svg_bad_path_is_refused_before_any_work(fake_dot, capsys, monkeypatch, where, message):
+    (fake_dot / "afile").write_text("x")
+    svg = {"folder": fake_dot, "under-a-file": fake_dot / "afile" / "g.svg", "no-dot": fake_dot / "g.svg"}[where]
+    if where == "no-dot":
+        monkeypatch.setenv("PATH", str(fake_dot / "empty"))
+    monkeypatch.setattr("graphduo.train.prepare", lambda config: pytest.fail("work began before the check"))
+    assert main(["inspect", "--model", "mlp", "--svg", str(svg)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in fake_dot.iterdir()) == ["afile", "bin"]

@@ -49,16 +49,17 @@ def _scalar_type(annotation) -> type:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None,
-                         defaults: dict | None = None) -> None:
-    """Add one flag per ``Config`` field (or the fields in ``only``), help and choices included."""
-    defaults = defaults or {}
+                         defaults: dict | None = None, helps: dict | None = None) -> None:
+    """Add one flag per ``Config`` field (or the fields in ``only``), help and choices included;
+    ``helps`` rewords a field's help for a command where the training wording does not fit."""
+    defaults, helps = defaults or {}, helps or {}
     for f in dataclasses.fields(Config):
         if only is not None and f.name not in only:
             continue
         meta = f.metadata
         default = defaults.get(f.name, f.default)
         kind = _scalar_type(f.type)
-        help_text = meta["help"]
+        help_text = helps.get(f.name, meta["help"])
         if kind is bool:
             parser.add_argument(_flag(f.name), action="store_true", default=default, help=help_text)
             continue
@@ -88,12 +89,16 @@ def _config_from(args, fields) -> Config:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphduo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"graphduo {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     train = sub.add_parser("train", help="train one model in one mode, evaluating every epoch",
                            description="Train a model in eager or traced mode with a live progress bar; "
                                        "evaluate on the held-out split every epoch; write metrics as JSON "
-                                       "lines into the run directory.")
+                                       "lines into the run directory.",
+                           epilog="examples: graphduo train --model mlp --mode eager --epochs 5; graphduo train "
+                                  "--steps 2000 --checkpoint-every 500 --run-dir runs/a (run it again to resume); "
+                                  "graphduo train --dataset mnist --data-dir ~/data --download --json")
     add_config_arguments(train)
     _add_output_flags(train, "print the final summary as one JSON object on stdout")
 
@@ -101,12 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="train the same steps in both modes and compare their speed",
         description="Train the same model for the same steps from identical parameters and batches, "
                     "once eagerly and once traced; check both reach the same loss; report time to first "
-                    "step, steady-state step time, samples/s, the speedup and the break-even step count.")
+                    "step, steady-state step time, samples/s, the speedup and the break-even step count.",
+        epilog="examples: graphduo compare; graphduo compare --model mlp --batch-size 256 --json; "
+               "graphduo compare --dataset synthetic --synthetic-shape 32x32x3 --steps 50")
     compare_fields = ("model", "dataset", "optimizer", "lr", "batch_size", "steps", "seed",
                       "data_dir", "download", "synthetic_shape", "synthetic_size",
                       "mlp_features", "cnn_channels", "cnn_dense", "cpu_convolutions", "host_memory")
-    add_config_arguments(compare, only=compare_fields, defaults={"steps": 200})
-    _add_output_flags(compare, "print the result as one JSON object on stdout")
+    add_config_arguments(compare, only=compare_fields, defaults={"steps": 200}, helps={
+        "model": "model to compare", "steps": "steps to train in each mode"})
+    _add_output_flags(compare, "print the result as one JSON object on stdout", "no progress line on stderr")
     compare.set_defaults(config_fields=compare_fields)
 
     inspect = sub.add_parser(
@@ -120,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                "graphduo inspect --model cnn --dataset synthetic --synthetic-shape 28x28x1 --svg step.svg")
     inspect_fields = ("model", "dataset", "optimizer", "lr", "batch_size", "seed", "data_dir", "synthetic_shape",
                       "mlp_features", "cnn_channels", "cnn_dense", "cpu_convolutions", "host_memory")
-    add_config_arguments(inspect, only=inspect_fields)
+    add_config_arguments(inspect, only=inspect_fields, helps={
+        "model": "model whose training step to inspect", "lr": "the optimizer's learning rate in the step",
+        "batch_size": "batch size of the inspected step"})
     inspect.add_argument("--format", choices=("text", "json", "dot"), default="text",
                          help="text: a report; json: every figure and every eager op; dot: the optimized graph "
                               "(default: text)")
@@ -146,9 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_output_flags(parser, json_help: str) -> None:
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("graphduo")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def _add_output_flags(parser, json_help: str, quiet_help: str = "no progress bar") -> None:
     parser.add_argument("--json", action="store_true", help=json_help)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help=quiet_help)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,14 +280,15 @@ def _first_line(err: BaseException) -> str:
 
 def _inspect(config: Config, args) -> int:
     import shutil
-    import subprocess
 
     from graphduo import graphs
     from graphduo.train import prepare
 
-    if args.svg and shutil.which("dot") is None:
-        raise ConfigError("--svg needs Graphviz's dot program: install graphviz (apt-get install graphviz), "
-                          "or use --format dot")
+    if args.svg:
+        if shutil.which("dot") is None:
+            raise ConfigError("--svg needs Graphviz's dot program: install graphviz (apt-get install graphviz), "
+                              "or use --format dot")
+        _check_file_path(args.svg, "--svg")
     run = prepare(config)
     state, batch = graphs.example_inputs(run.model, run.tx, config.batch_size, config.seed)
     traced_graph = graphs.inspect_traced(run.model, run.tx, state, batch)
@@ -282,18 +302,55 @@ def _inspect(config: Config, args) -> int:
         else:
             print(graphs.format_report(config.model, config.batch_size, traced_graph, eager_graph))
     if args.svg:
-        subprocess.run(["dot", "-Tsvg", "-o", args.svg], input=dot, text=True, check=True)
+        _render_svg(dot, args.svg)
         print(f"graphduo inspect: wrote {args.svg}", file=sys.stderr)
     return 0
+
+
+def _check_file_path(path: str, flag: str) -> None:
+    """``ConfigError`` unless ``path`` can be written as a file (its folder made if missing)."""
+    import pathlib
+
+    from graphduo import paths
+
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} {target} is a folder: give a file path, such as {target / 'step.svg'}")
+    try:
+        paths.output_folder(target.parent, f"{flag}'s folder", create=False)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _render_svg(dot: str, path: str) -> None:
+    """Graphviz's ``dot -Tsvg`` into ``path``, all or nothing: it writes a temporary file beside
+    ``path`` and renames it; on failure ``ConfigError`` with dot's first line and no file."""
+    import pathlib
+    import subprocess
+    import tempfile
+
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run(["dot", "-Tsvg", "-o", tmp], input=dot, text=True, capture_output=True)
+        if done.returncode != 0:
+            reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+            raise ConfigError(f"Graphviz's dot could not render {path}: {reason}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _compare(config: Config, args) -> int:
     from graphduo.compare import compare, format_table
 
-    if not args.quiet:
-        print(f"graphduo compare: training {config.model} for {config.steps} steps in eager, then traced "
-              f"mode...", file=sys.stderr)
-    result = compare(config)
+    def announce(line: str) -> None:
+        print(f"graphduo compare: {line}", file=sys.stderr)
+
+    result = compare(config, announce=None if args.quiet else announce)
     print(json.dumps(result) if args.json else format_table(result))
     if not result["same_loss"]:
         print(f"graphduo compare: error: eager and traced ended at different losses "

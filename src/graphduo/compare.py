@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,14 +40,17 @@ def max_abs_diff(a, b) -> float:
     return max(jax.tree.leaves(diffs))
 
 
-def compare(config: Config, *, warmup: int = 5) -> dict[str, Any]:
+def compare(config: Config, *, warmup: int = 5, announce: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``config.steps`` steps in eager and in traced mode from identical parameters and batches.
 
     Returns per-mode timings (time to first step, steady-state median and spread, samples/s),
     the speedup, the break-even step count, both final losses and the largest parameter
     difference. Raises ``ModesDisagree`` when the final losses differ beyond ``LOSS_RTOL``.
+    ``announce`` gets one line saying what is about to run, once the config and data are checked.
     """
     run = prepare(config)
+    if announce is not None:
+        announce(f"training {config.model} for {run.total_steps} steps in eager, then traced mode...")
     batches = fixed_batches(run, run.total_steps)
     results: dict[str, Any] = {}
     finals = {}
@@ -102,7 +106,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"speedup (eager / traced step time): {result['speedup']:.2f}x",
-        "break-even: " + (f"compiling pays for itself after {be} steps" if be is not None
+        "break-even: " + (f"compiling pays for itself after {be} step{'s' * (be != 1)}" if be is not None
                           else "never: traced steps are not faster here"),
         f"largest parameter difference after {result['steps']} steps: {result['max_param_diff']:.3g}",
         f"same loss (rtol {result['loss_rtol']:g}): {'yes' if result['same_loss'] else 'NO'} "

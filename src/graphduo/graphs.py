@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import re
+import statistics
 import time
 from typing import Any
 
@@ -152,19 +153,22 @@ def hlo_to_dot(text: str, platform: str = "cpu") -> str:
     return "\n".join(lines)
 
 
-def inspect_eager(model: Model, tx, state: TrainState, batch) -> dict[str, Any]:
+def inspect_eager(model: Model, tx, state: TrainState, batch, repeats: int = 5) -> dict[str, Any]:
     """Every op one eager step dispatches, in order, each timed to completion.
 
     The step's graph is recorded as a jaxpr (``jax.make_jaxpr``: exactly the primitives that eager
     mode binds one by one: the forward pass under autodiff's JVP, the transposed backward pass, then
     the optimizer update and metrics) and replayed equation by equation on concrete arrays,
     blocking after each, so each op's time is its own. A first, untimed replay lets JAX compile
-    each primitive once, as eager mode does on its first step.
+    each primitive once, as eager mode does on its first step; then ``repeats`` timed replays, and
+    each op's time is its median over them (one replay on a shared machine is one sample).
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     closed = jax.make_jaxpr(make_train_step(model.apply, tx))(state, batch)
     inputs = jax.tree.leaves((state, batch))
     _replay(closed, inputs)
-    ops = _replay(closed, inputs)
+    ops = median_op_times([_replay(closed, inputs) for _ in range(repeats)])
     by_op: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"count": 0, "time_us": 0.0})
     by_phase: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"count": 0, "time_us": 0.0})
     for op in ops:
@@ -173,11 +177,20 @@ def inspect_eager(model: Model, tx, state: TrainState, batch) -> dict[str, Any]:
             table[key]["time_us"] += op["time_us"]
     return {
         "ops_per_step": len(ops),
+        "repeats": repeats,
         "total_us": float(sum(op["time_us"] for op in ops)),
         "by_primitive": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["time_us"])),
         "by_phase": dict(by_phase),
         "ops": ops,
     }
+
+
+def median_op_times(replays: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The ops of several replays of one graph (same ops, same order), each timed by its median."""
+    first = replays[0]
+    if any(len(r) != len(first) or any(a["op"] != b["op"] for a, b in zip(r, first)) for r in replays):
+        raise ValueError("the replays dispatched different ops")
+    return [{**op, "time_us": statistics.median(r[i]["time_us"] for r in replays)} for i, op in enumerate(first)]
 
 
 def _phase(eqn) -> str:
@@ -236,7 +249,7 @@ def format_report(model_name: str, batch_size: int, traced: dict, eager: dict, t
         f"  trace / lower / compile  {traced['compile']['trace_s']:.3f} / {traced['compile']['lower_s']:.3f} / "
         f"{traced['compile']['compile_s']:.3f} s",
         "",
-        "eager (dynamic graph, op by op, each op timed to completion)",
+        f"eager (dynamic graph, op by op, each op timed to completion; median of {eager.get('repeats', 1)} replays)",
         f"  ops dispatched / step    {eager['ops_per_step']}, {eager['total_us'] / 1e3:.2f} ms in all",
     ]
     for phase, row in eager["by_phase"].items():

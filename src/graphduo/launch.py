@@ -34,8 +34,11 @@ def launch(args, parser) -> int:
     command = list(args.child)
     if command[:1] == ["--"]:
         command = command[1:]
-    if command[:1] != ["train"]:
+    if not command:
         return _error("give the command to run after --, e.g. graphduo launch --processes 2 -- train "
+                      "--strategy shard_map")
+    if command[0] != "train":
+        return _error(f"launch runs 'train' only, not {command[0]!r}: graphduo launch --processes 2 -- train "
                       "--strategy shard_map")
     if args.processes < 1 or args.devices_per_process < 1:
         return _error("--processes and --devices-per-process must be positive integers")

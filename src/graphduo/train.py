@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from graphduo import parallel, traced
+from graphduo import parallel, paths, traced
 from graphduo.checkpoint import Checkpointer
 from graphduo.config import DEFAULT_EPOCHS, Config, ConfigError
 from graphduo.data import Dataset, epoch_batches, load_dataset, steps_per_epoch
@@ -208,6 +208,33 @@ def check_resumable(run_dir: pathlib.Path, config: Config) -> bool:
     return True
 
 
+def check_outputs(config: Config, run_dir: pathlib.Path) -> None:
+    """``ConfigError`` unless every path the run will write can be written: the run directory, the
+    profiler's folder and the parameters file. Checked before any work, so a typo costs a second,
+    not a training run, and leaves nothing on disk."""
+    try:
+        paths.output_folder(run_dir, "--run-dir", create=False)
+        if config.profile:
+            paths.output_folder(config.profile, "--profile", create=False)
+        if config.params_out:
+            out = pathlib.Path(config.params_out)
+            if out.is_dir():
+                raise ValueError(f"--params-out {out} is a folder: give a file path, such as {out / 'params.npz'}")
+            paths.output_folder(out.parent, "--params-out's folder", create=False)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def finished_summary(run_dir: pathlib.Path, step: int) -> dict[str, Any] | None:
+    """The summary a finished run wrote, if ``run_dir/summary.json`` is that of a run that ended at
+    ``step`` (the step of its newest checkpoint); else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == step else None
+
+
 def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
@@ -227,6 +254,7 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
     train_step, eval_step = plan.train_step, plan.eval_step
     lead = jax.process_index() == 0  # only process 0 reports and writes
     run_dir = pathlib.Path(config.run_dir) if config.run_dir else default_run_dir(config)
+    check_outputs(config, run_dir)
     resuming = check_resumable(run_dir, config)
     state = create_train_state(run.model, run.tx, jax.random.key(config.seed))
     n_params = count_params(state.params)
@@ -242,6 +270,18 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
         restored = checkpointer.restore_latest(state)
         if restored is not None:
             state, start = restored
+    if start >= run.total_steps and (done := finished_summary(run_dir, start)) is not None:
+        # Run again after it finished (a requeued job, a repeated command): nothing to train, and
+        # its files stay as they are.
+        checkpointer.close()
+        if config.params_out:
+            save_params(plan.host_params(state), config.params_out, write=lead)
+        if lead:
+            asked = "" if start == run.total_steps else f" (this command asks for {run.total_steps})"
+            print(f"graphduo: {run_dir} already finished at step {start}{asked}: nothing to train; its "
+                  f"summary follows. Use a new --run-dir to train again, or more --steps/--epochs to go on.",
+                  file=sys.stderr)
+        return {**done, "process_index": jax.process_index()}
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -320,6 +360,8 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
                                         f"run the same command to resume", stop.signum)
                 if pending is not None:
                     consume(*pending)
+                if bar is not None and window.values:
+                    window.show(bar, config.batch_size, force=True)  # the epoch's last figures
                 jax.block_until_ready(state)
                 train_time_s += time.perf_counter() - t_epoch
                 result = evaluate(eval_step, plan.eval_params(state.params), ds.x_test, ds.y_test,
@@ -346,8 +388,8 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
         result = evaluate(eval_step, plan.eval_params(state.params), ds.x_test, ds.y_test,
                           put=put, multiple=plan.num_devices)
         evals.append({"test_loss": result["loss"], "test_accuracy": result["accuracy"]})
-    steady_steps = max(step - start - 1, 1)
-    step_time_ms = train_time_s / steady_steps * 1e3
+    steady_steps = step - start - 1
+    step_time_ms = train_time_s / steady_steps * 1e3 if steady_steps > 0 else float("nan")
     summary = {
         "model": config.model,
         "mode": config.mode,
@@ -438,6 +480,7 @@ def save_params(params, path: str | os.PathLike, *, write: bool = True) -> None:
     if not write:
         return
     path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **flat)
@@ -469,9 +512,9 @@ class _Window:
     def mean(self) -> dict[str, float]:
         return {k: float(np.mean([v[k] for v in self.values])) for k in self.values[0]}
 
-    def show(self, bar, batch_size: int) -> None:
+    def show(self, bar, batch_size: int, force: bool = False) -> None:
         now = time.perf_counter()
-        if now - self._shown < 0.5:
+        if self._count == 0 or (now - self._shown < 0.5 and not force):
             return
         rate = self._count * batch_size / max(now - self._t, 1e-9)
         m = self.mean()
