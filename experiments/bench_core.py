@@ -32,8 +32,9 @@ Run:
     python experiments/bench_core.py --quick    # smoke test, under a minute
     python experiments/bench_core.py --out DIR  # results elsewhere
 
-Writes ``DIR/results.json`` (every per-round time, ratio and goal, plus the environment) and
-``DIR/SUMMARY.md`` (the table, the command, the machine and a reading of each goal).
+Writes ``DIR/results.json`` (every per-round time, ratio and goal, plus the environment),
+``DIR/SUMMARY.md`` (the table, the command, the machine and a reading of each goal) and, when
+matplotlib is installed, ``DIR/ratios.png`` (graphduo / bare per section, model and batch).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import _args  # experiments/_args.py
 from graphduo import runtime, timing
 from graphduo.config import Config
 from graphduo.eager import EagerStep
@@ -67,7 +69,7 @@ from graphduo.train import train_and_evaluate
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 LR = 1e-3
-DEFAULT_OUT = pathlib.Path("experiments/results/bench_core")
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench_core"
 
 # Goals, as ratio graphduo / bare: ("<=", x) for times, (">=", x) for throughput.
 GOALS = {"jit": ("<=", 1.05), "eager": ("<=", 1.10), "train": (">=", 0.90)}
@@ -413,7 +415,55 @@ def reading(results: list[dict[str, Any]]) -> list[str]:
     return paragraphs
 
 
-def write_summary(path: pathlib.Path, rows, results, env, command: str, wall_s: float, args) -> None:
+PLOT_SECTIONS = (("graphduo-traced", "jit: traced step / bare jax.jit step", "time ratio"),
+                 ("graphduo-eager", "eager: eager step / bare op-by-op step", "time ratio"),
+                 ("graphduo-train", "train: graphduo train / bare jit step", "samples/s ratio"))
+
+
+def write_plot(out: pathlib.Path, payload: dict) -> str | None:
+    """``out/ratios.png``: graphduo against bare JAX per section (jit, eager, train), model and batch,
+    with each goal, from the payload written to results.json; its file name, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot", file=sys.stderr)
+        return None
+    results = payload["workloads"]
+    labels = [f"{r['model']}\nb{r['batch_size']}" for r in results]
+    fig, axes = plt.subplots(1, len(PLOT_SECTIONS), figsize=(4.2 * len(PLOT_SECTIONS), 3.8), squeeze=False)
+    for ax, (name, title, ylabel) in zip(axes[0], PLOT_SECTIONS):
+        cmps = [r["comparisons"][name] for r in results]
+        med = np.array([c["median"] for c in cmps])
+        err = [med - np.array([c["min"] for c in cmps]), np.array([c["max"] for c in cmps]) - med]
+        for i, c in enumerate(cmps):
+            ax.errorbar([i], [med[i]], yerr=[[err[0][i]], [err[1][i]]], fmt="o", capsize=4, markersize=7,
+                        color="tab:green" if c["met"] else "tab:red")
+            ax.annotate(f"{med[i]:.3f}", (i, med[i]), xytext=(7, 0), textcoords="offset points",
+                        va="center", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+        op, target = cmps[0]["goal"]
+        ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"goal {op} {target:g}")
+        ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        lo = min(min(c["min"] for c in cmps), target, 1.0)
+        hi = max(max(c["max"] for c in cmps), target, 1.0)
+        ax.set_ylim(lo - 0.1 * (hi - lo) - 0.02, hi + 0.15 * (hi - lo) + 0.02)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(f"graphduo / bare, {ylabel}")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("graphduo against bare JAX: median of the per-round ratios, whiskers from the smallest to "
+                 "the largest round (green: goal met, red: missed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "ratios.png", dpi=110)
+    plt.close(fig)
+    return "ratios.png"
+
+
+def write_summary(path: pathlib.Path, rows, results, env, command: str, wall_s: float, args,
+                  plot: str | None = None) -> None:
     text = [
         "# bench_core: graphduo against bare JAX",
         "",
@@ -435,6 +485,8 @@ def write_summary(path: pathlib.Path, rows, results, env, command: str, wall_s: 
         "",
         *(p + "\n" for p in reading(results)),
     ]
+    if plot:
+        text += [f"![graphduo against bare JAX, per section, model and batch]({plot})", ""]
     path.write_text("\n".join(text))
 
 
@@ -443,32 +495,37 @@ def write_summary(path: pathlib.Path, rows, results, env, command: str, wall_s: 
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Time graphduo's traced step, eager step and end-to-end training against the same "
-                    "step written in bare JAX (MLP and CNN, Adam), interleaved over several rounds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _args.make_parser(
+        __doc__, "Time graphduo's traced step, eager step and end-to-end training against the same "
+                 "step written in bare JAX (MLP and CNN, Adam), interleaved over several rounds.")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test in under a minute: batch 32 only, 2 rounds, short measurements")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
-                        help="folder for results.json and SUMMARY.md")
-    parser.add_argument("--models", default="mlp,cnn", help="comma-separated models")
-    parser.add_argument("--batch-sizes", default=None,
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=_args.out_help("results.json, SUMMARY.md and ratios.png", DEFAULT_OUT))
+    parser.add_argument("--models", type=_args.models, default=list(_args.MODELS),
+                        help=f"comma-separated models, of {', '.join(_args.MODELS)} (default mlp,cnn)")
+    parser.add_argument("--batch-sizes", type=_args.batch_sizes, default=None,
                         help="comma-separated batch sizes (default 32,256; --quick: 32)")
-    parser.add_argument("--rounds", type=int, default=None,
+    parser.add_argument("--rounds", type=_args.positive_int, default=None,
                         help="interleaved rounds per workload (default 7; --quick: 2)")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=_args.positive_float, default=None,
                         help="seconds of timed steps per variant per round (default 1.0; --quick: 0.15)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     quick = args.quick
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("32" if quick else "32,256")).split(",")]
-    args.models = [m.strip() for m in args.models.split(",")]
+    args.batch_sizes = args.batch_sizes or ([32] if quick else [32, 256])
     args.rounds = args.rounds or (2 if quick else 7)
     args.budget = args.budget or (0.15 if quick else 1.0)
     args.train_budget = 2 * args.budget  # steady-state seconds of each `graphduo train` run
     args.min_eager_steps = 3 if quick else 6
     args.max_steps = 100 if quick else 400
     args.max_train_steps = 100 if quick else 500
+    args.out = _args.check_out(parser, args.out)
     return args
 
 
@@ -494,13 +551,13 @@ def main(argv=None) -> None:
     print(format_table(rows))
     print(f"\nwall time {wall_s:.0f} s", file=sys.stderr)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "wall_s": wall_s, "environment": env, "goals": GOALS,
                "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
                "workloads": results}
     (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
-    write_summary(args.out / "SUMMARY.md", rows, results, env, command, wall_s, args)
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'SUMMARY.md'}", file=sys.stderr)
+    plot = write_plot(args.out, payload)
+    write_summary(args.out / "SUMMARY.md", rows, results, env, command, wall_s, args, plot)
+    print(f"wrote {args.out / 'results.json'}, SUMMARY.md" + (f" and {plot}" if plot else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ Run:
     python experiments/cnn_step.py --quick    # smoke test: batch 32, 1 round, under a minute
     python experiments/cnn_step.py --batch-size 64 --rounds 5 --out DIR
 
-Writes ``DIR/results.json`` (every per-round time, losses, the environment of each child) and
-``DIR/SUMMARY.md``.
+Writes ``DIR/results.json`` (every per-round time, losses, the environment of each child),
+``DIR/SUMMARY.md`` and, when matplotlib is installed, ``DIR/step_time.png`` (median ms per step, by
+formulation and setting).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import _args  # experiments/_args.py
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "cnn_step"
 FORMULATIONS = ("flax", "graphduo-lax", "graphduo")
@@ -173,7 +176,38 @@ def format_table(cells: dict) -> list[str]:
     return rows
 
 
-def write_summary(path: pathlib.Path, result: dict, args, command: str, wall_s: float) -> None:
+def write_plot(out: pathlib.Path, result: dict) -> str | None:
+    """``out/step_time.png``: median ms per step of every formulation under every runtime setting, from
+    the results dict (as written to results.json); its file name, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot", file=sys.stderr)
+        return None
+    cells = result["analysis"]["cells"]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / len(FORMULATIONS)
+    for i, name in enumerate(FORMULATIONS):
+        xs = [j + (i - (len(FORMULATIONS) - 1) / 2) * width for j in range(len(SETTINGS))]
+        ms = [cells[f"{name}|{setting}"]["median_ms"] for setting in SETTINGS]
+        bars = ax.bar(xs, ms, width, label=name)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(SETTINGS)),
+                  [f"{s.split('+')[0]} convolutions\n{s.split('+')[1]} memory" for s in SETTINGS])
+    ax.set_ylabel("median ms per step")
+    ax.set_title(f"CNN traced Adam step, batch {result['batch_size']}: {len(result['rounds'])} round(s)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(title="formulation")
+    fig.tight_layout()
+    fig.savefig(out / "step_time.png", dpi=110)
+    plt.close(fig)
+    return "step_time.png"
+
+
+def write_summary(path: pathlib.Path, result: dict, args, command: str, wall_s: float,
+                  plot: str | None = None) -> None:
     from graphduo.timing import describe_machine
 
     env = result["rounds"][0]["eigen+reuse"]["environment"]
@@ -204,32 +238,40 @@ def write_summary(path: pathlib.Path, result: dict, args, command: str, wall_s: 
         "(steady state); each is a 4 KiB page the kernel mapped and zeroed on first touch. Children run "
         "without the user's MALLOC_*, GLIBC_TUNABLES and LD_PRELOAD.",
     ]
+    if plot:
+        lines += ["", f"![median ms per step by formulation and runtime setting]({plot})"]
     path.write_text("\n".join(lines) + "\n")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Time the default CNN's traced training step for three formulations of the same model "
-                    "under XLA:CPU's default and Eigen convolutions, with glibc's default host memory policy "
-                    "and with freed memory reused; check all reach the same losses.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _args.make_parser(
+        __doc__, "Time the default CNN's traced training step for three formulations of the same model "
+                 "under XLA:CPU's default and Eigen convolutions, with glibc's default host memory policy "
+                 "and with freed memory reused; check all reach the same losses.")
     parser.add_argument("--quick", action="store_true", help="smoke test: batch 32, 1 round, 5 timed steps")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="folder for the results")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 256; --quick: 32)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of the four settings (default 3; "
-                                                                 "--quick: 1)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per cell per round (default 15; "
-                                                                "--quick: 5)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds a child may take")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=_args.out_help("results.json, SUMMARY.md and step_time.png", DEFAULT_OUT))
+    parser.add_argument("--batch-size", type=_args.positive_int, default=None,
+                        help="batch size (default 256; --quick: 32)")
+    parser.add_argument("--rounds", type=_args.positive_int, default=None,
+                        help="rounds of the four settings (default 3; --quick: 1)")
+    parser.add_argument("--steps", type=_args.positive_int, default=None,
+                        help="timed steps per cell per round (default 15; --quick: 5)")
+    parser.add_argument("--timeout", type=_args.positive_float, default=600.0,
+                        help="seconds a child process may take (default 600)")
     parser.add_argument("--child", choices=SETTINGS, help=argparse.SUPPRESS)
     parser.add_argument("--reverse", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name, quick, full in (("batch_size", 32, 256), ("rounds", 1, 3), ("steps", 5, 15)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
-    for name in ("batch_size", "rounds", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.child:  # the parent writes the results; a child only prints them
+        args.out = _args.check_out(parser, args.out)
     return args
 
 
@@ -248,18 +290,22 @@ def main(argv=None) -> None:
         print(f"[cnn_step] round {r + 1}/{args.rounds}: " + "  ".join(
             f"{n}|{s} {rounds[-1][s]['cells'][n]['median_ms']:.1f}" for s in SETTINGS for n in FORMULATIONS)
             + " ms", file=sys.stderr)
-    result = {"command": command, "batch_size": args.batch_size, "rounds": rounds, "analysis": analyse(rounds)}
+    result = {"command": command, "batch_size": args.batch_size, "steps": args.steps, "rounds": rounds,
+              "analysis": analyse(rounds)}
     wall_s = time.perf_counter() - t0
     result["wall_s"] = wall_s
     print("\n".join(format_table(result["analysis"]["cells"])))
     check = result["analysis"]["loss_check"]
     print(f"loss check: max relative difference {check['max_rel_diff']:.1e} ({'ok' if check['ok'] else 'MISMATCH'})")
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    write_summary(args.out / "SUMMARY.md", result, args, command, wall_s)
-    print(f"wall time {wall_s:.0f} s; wrote {args.out / 'results.json'} and {args.out / 'SUMMARY.md'}",
-          file=sys.stderr)
+    plot = write_plot(args.out, result)
+    write_summary(args.out / "SUMMARY.md", result, args, command, wall_s, plot)
+    print(f"wall time {wall_s:.0f} s; wrote {args.out / 'results.json'}, SUMMARY.md"
+          + (f" and {plot}" if plot else ""), file=sys.stderr)
     if not check["ok"]:
+        print(f"cnn_step.py: error: the cells' losses differ by up to {check['max_rel_diff']:.1e} relative "
+              f"(tolerance {check['tolerance']:g}): the formulations do not compute the same function",
+              file=sys.stderr)
         raise SystemExit(1)
 
 

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _args  # experiments/_args.py
 from graphduo import runtime, timing
 from graphduo.eager import EagerStep
 from graphduo.models import build_model, count_params
@@ -67,7 +68,7 @@ LR = 1e-3
 NUM_CLASSES = 10
 MLP_INPUT = (28, 28, 1)
 CNN_INPUT = (32, 32, 3)
-DEFAULT_OUT = pathlib.Path("experiments/results/compile_cost")
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "compile_cost"
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,34 +430,42 @@ def write_plots(out: pathlib.Path, payload: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Measure trace/lower/compile time of graphduo's traced Adam train step against model "
-                    "size, the break-even step count against eager mode, recompilation under varying batch "
-                    "sizes (and bucketing/padding fixes), and JAX's persistent compilation cache.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _args.make_parser(
+        __doc__, "Measure trace/lower/compile time of graphduo's traced Adam train step against model "
+                 "size, the break-even step count against eager mode, recompilation under varying batch "
+                 "sizes (and bucketing/padding fixes), and JAX's persistent compilation cache.")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test in under a minute: 2 configurations per sweep, 16x16x3 CNN "
                              "inputs, 5 shape batches (MLP 784-32-10), MLP 784-32-10 in the cache test")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
-                        help="folder for results.json, SUMMARY.md and the PNG plots")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size of the stage/break-even sweeps")
-    parser.add_argument("--shape-batches", type=int, default=None,
-                        help="batches of random size in the recompilation test (default 50; --quick: 15)")
-    parser.add_argument("--max-batch", type=int, default=128, help="largest random batch size (a power of two)")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=_args.out_help("results.json, SUMMARY.md and the PNG plots", DEFAULT_OUT))
+    parser.add_argument("--batch-size", type=_args.positive_int, default=32,
+                        help="batch size of the stage/break-even sweeps (default 32)")
+    parser.add_argument("--shape-batches", type=_args.positive_int, default=None,
+                        help="batches of random size in the recompilation test (default 50; --quick: 5)")
+    parser.add_argument("--max-batch", type=_args.positive_int, default=128,
+                        help="largest random batch size, a power of two (default 128)")
     parser.add_argument("--no-cache", action="store_true", help="skip the persistent-cache child processes")
     parser.add_argument("--cache-model", choices=tuple(CACHE_MODELS), default=None,
                         help="model compiled by the cache child processes (default cnn; --quick: mlp)")
     parser.add_argument("--cache-child", choices=tuple(CACHE_MODELS), default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_batch & (args.max_batch - 1):
-        parser.error("--max-batch must be a power of two")
+        parser.error(f"argument --max-batch: expected a power of two, got {args.max_batch}")
     args.shape_batches = args.shape_batches or (5 if args.quick else 50)
     args.shape_features = (32,) if args.quick else (256, 256)
     args.cnn_input = (16, 16, 3) if args.quick else CNN_INPUT
     args.cache_model = args.cache_model or ("mlp" if args.quick else "cnn")
     args.traced_steps = 4 if args.quick else 30
     args.eager_steps = 3 if args.quick else 10
+    if not args.cache_child:  # a cache child only prints its stage times
+        args.out = _args.check_out(parser, args.out)
     return args
 
 
@@ -481,7 +490,6 @@ def main(argv=None) -> None:
     payload = {"command": command, "wall_s": wall_s, "environment": env,
                "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
                "configs": configs, "shapes": shapes, "cache": cache}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
     if args.no_cache:
         cache.update(runs=[], compile_speedup=float("nan"))

@@ -41,6 +41,8 @@ import subprocess
 import sys
 import time
 
+import _args  # experiments/_args.py
+
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "data_parallel"
 PARALLEL_STRATEGIES = ("shard_map", "pmap", "auto")
 BANDWIDTH_NAMES = {25.0: "PCIe 4.0 x16", 450.0: "NVLink 4, H100, per direction"}
@@ -273,24 +275,38 @@ def write_plot(out: pathlib.Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Time graphduo's data-parallel strategies (shard_map, pmap, auto; traced) on 1-8 "
-                    "virtual CPU devices and compare the measured all-reduce bytes with a ring model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _args.make_parser(
+        __doc__, "Time graphduo's data-parallel strategies (shard_map, pmap, auto; traced) on 1-8 "
+                 "virtual CPU devices and compare the measured all-reduce bytes with a ring model.")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test under a minute: N in (1, 2), MLP 784-256-256-10, 8 timed steps")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="output folder")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="GLOBAL batch size, split over the devices (a multiple of every N)")
-    parser.add_argument("--bandwidth-gbps", type=float, nargs="+", default=[25.0, 450.0],
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=_args.out_help("results.json, SUMMARY.md and samples_per_s.png", DEFAULT_OUT))
+    parser.add_argument("--batch-size", type=_args.positive_int, default=256,
+                        help="GLOBAL batch size, split over the devices: a multiple of every N (default 256)")
+    parser.add_argument("--bandwidth-gbps", type=_args.positive_float, nargs="+", default=[25.0, 450.0],
                         help="interconnect bandwidths for the ring model, in GB/s (gigabytes per second): "
-                             "25 = PCIe 4.0 x16, 450 = NVLink 4 on an H100 per direction")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 25, quick 8)")
-    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--features", type=str, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+                             "25 = PCIe 4.0 x16, 450 = NVLink 4 on an H100 per direction (default 25 450)")
+    parser.add_argument("--steps", type=_args.positive_int, default=None,
+                        help=f"timed steps per row (default {FULL['steps']}; --quick: {QUICK['steps']})")
+    parser.add_argument("--worker", type=_args.positive_int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=_args.nonnegative_int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--features", type=_args.positive_ints, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker is None:  # the parent: it checks, launches the workers and writes the results
+        devices = (QUICK if args.quick else FULL)["devices"]
+        bad = [n for n in devices if args.batch_size % n]
+        if bad:
+            parser.error(f"argument --batch-size: {args.batch_size} is not divisible by N={bad}: use a "
+                         f"multiple of {max(devices)}")
+        args.out = _args.check_out(parser, args.out)
+    return args
 
 
 def main(argv=None) -> int:
@@ -305,7 +321,7 @@ def main(argv=None) -> int:
     if args.warmup is not None:
         settings["warmup"] = args.warmup
     if args.features:
-        settings["features"] = tuple(int(f) for f in args.features.split(","))
+        settings["features"] = tuple(args.features)
     settings["batch_size"] = args.batch_size
 
     if args.worker is not None:
@@ -314,10 +330,6 @@ def main(argv=None) -> int:
         print(JSON_MARKER + json.dumps(result), flush=True)
         return 0
 
-    bad = [n for n in settings["devices"] if args.batch_size % n]
-    if bad:
-        sys.exit(f"--batch-size {args.batch_size} is not divisible by N={bad}: use a multiple of "
-                 f"{max(settings['devices'])}")
     from graphduo.timing import command_line  # the parent process never starts a JAX backend
 
     command = command_line(argv)
@@ -341,7 +353,6 @@ def main(argv=None) -> int:
     add_derived(rows, args.bandwidth_gbps)
 
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     settings_json = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
     (out / "results.json").write_text(json.dumps({
         "command": command, "wall_s": wall_s, "settings": settings_json,

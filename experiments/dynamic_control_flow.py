@@ -54,11 +54,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _args  # experiments/_args.py
 from graphduo import runtime, timing
 from graphduo.eager import EagerStep
 from graphduo.traced import TracedStep, TracingError
 
-DEFAULT_OUT = pathlib.Path("experiments/results/dynamic_control_flow")
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "dynamic_control_flow"
 IN_DIM, HIDDEN, NUM_CLASSES, BATCH = 32, 64, 10, 16
 DAMPING = 0.5  # a in h <- h + a * (tanh(h W + z) - h)
 TOL = 1e-4
@@ -364,27 +365,33 @@ def write_plot(out: pathlib.Path, res: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Run a model with a data-dependent loop (iterate a residual block until converged) "
-                    "eagerly with a Python while, and traced with lax.while_loop, fori_loop + cond and a "
-                    "host-unrolled loop; count compiles, time calls and check all variants agree.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _args.make_parser(
+        __doc__, "Run a model with a data-dependent loop (iterate a residual block until converged) "
+                 "eagerly with a Python while, and traced with lax.while_loop, fori_loop + cond and a "
+                 "host-unrolled loop; count compiles, time calls and check all variants agree.")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test in well under a minute: input scales {QUICK_SCALES}, 1 round of 3 calls")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
-                        help="folder for results.json, SUMMARY.md and time_per_call.png")
-    parser.add_argument("--scales", default=None,
-                        help=f"comma-separated input scales, one input each (default {','.join(map(str, SCALES))})")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant, input and round "
-                                                                   "(default 5; --quick: 3)")
-    parser.add_argument("--rounds", type=int, default=None,
+                        help="smoke test in well under a minute: input scales "
+                             f"{','.join(map(str, QUICK_SCALES))}, 1 round of 3 calls")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=_args.out_help("results.json, SUMMARY.md and time_per_call.png", DEFAULT_OUT))
+    parser.add_argument("--scales", type=_args.positive_floats, default=None,
+                        help="comma-separated input scales, one input each "
+                             f"(default {','.join(map(str, SCALES))}; --quick: {','.join(map(str, QUICK_SCALES))})")
+    parser.add_argument("--repeats", type=_args.positive_int, default=None,
+                        help="timed calls per variant, input and round (default 5; --quick: 3)")
+    parser.add_argument("--rounds", type=_args.positive_int, default=None,
                         help="interleaved rounds over all variants and inputs (default 7; --quick: 1)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.scales = tuple(float(s) for s in args.scales.split(",")) if args.scales else (
-        QUICK_SCALES if args.quick else SCALES)
+    args.scales = tuple(args.scales) if args.scales else (QUICK_SCALES if args.quick else SCALES)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.rounds = args.rounds or (1 if args.quick else 7)
+    args.out = _args.check_out(parser, args.out)
     return args
 
 
@@ -402,7 +409,6 @@ def main(argv=None) -> None:
                "model": {"in_dim": IN_DIM, "hidden": HIDDEN, "classes": NUM_CLASSES, "batch": BATCH,
                          "damping": DAMPING, "tol": TOL, "max_iters": MAX_ITERS},
                "results": res}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
     write_summary(args.out, payload)
     write_plot(args.out, res)

@@ -51,6 +51,7 @@ from typing import Any
 import jax
 import numpy as np
 
+import _args  # experiments/_args.py
 from graphduo import runtime, timing
 from graphduo.eager import EagerStep
 from graphduo.models import build_model
@@ -61,7 +62,7 @@ INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 LR = 1e-3
 MODES = ("eager", "traced")
-DEFAULT_OUT = pathlib.Path("experiments/results/eager_vs_traced")
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "eager_vs_traced"
 DISPATCH_FACTOR = 2.0  # eager time > this x batch-1 eager time: no longer dispatch-bound
 PER_SAMPLE_GAIN = 0.9  # traced per-sample time "still falling" while t(2b)/2b < this x t(b)/b
 
@@ -297,36 +298,45 @@ def write_plots(out: pathlib.Path, rows: list[dict], analysis: dict) -> list[str
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Time one Adam training step of the MLP and the CNN in eager and traced mode over batch "
-                    "sizes 1..1024; report speedup, achieved FLOP/s against the matmul peak, and the batch "
-                    "where the eager step stops being dispatch-bound.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _args.make_parser(
+        __doc__, "Time one Adam training step of the MLP and the CNN in eager and traced mode over batch "
+                 "sizes 1..1024; report speedup, achieved FLOP/s against the matmul peak, and the batch "
+                 "where the eager step stops being dispatch-bound.")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test in under a minute: MLP only, batch 1, 8, 64, short measurements")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
-                        help="folder for results.json, SUMMARY.md and the plots")
-    parser.add_argument("--models", default=None, help="comma-separated models (default mlp,cnn; --quick: mlp)")
-    parser.add_argument("--batch-sizes", default=None,
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=_args.out_help("results.json, SUMMARY.md and the plots", DEFAULT_OUT))
+    parser.add_argument("--models", type=_args.models, default=None,
+                        help=f"comma-separated models, of {', '.join(_args.MODELS)} (default mlp,cnn; --quick: mlp)")
+    parser.add_argument("--batch-sizes", type=_args.batch_sizes, default=None,
                         help="comma-separated batch sizes (default 1,2,4,...,1024; --quick: 1,8,64)")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: re-read OUT/results.json and rewrite SUMMARY.md and the plots")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=_args.positive_float, default=None,
                         help="target seconds of timed steps per case (default 0.6; --quick: 0.15)")
-    parser.add_argument("--min-steps", type=int, default=None,
-                        help="fewest timed steps per case (default 3; --quick: 3)")
-    parser.add_argument("--max-steps", type=int, default=None,
+    parser.add_argument("--min-steps", type=_args.positive_int, default=None,
+                        help="fewest timed steps per case (default 3)")
+    parser.add_argument("--max-steps", type=_args.positive_int, default=None,
                         help="most timed steps per case (default 40; --quick: 10)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     quick = args.quick
-    args.models = [m.strip() for m in (args.models or ("mlp" if quick else "mlp,cnn")).split(",")]
-    default_batches = "1,8,64" if quick else ",".join(str(2**i) for i in range(11))
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or default_batches).split(",")]
+    args.models = args.models or (["mlp"] if quick else list(_args.MODELS))
+    args.batch_sizes = args.batch_sizes or ([1, 8, 64] if quick else [2**i for i in range(11)])
     args.budget = args.budget or (0.15 if quick else 0.6)
     args.min_steps = args.min_steps or 3
     args.max_steps = args.max_steps or (10 if quick else 40)
     args.matmul_n = 1024 if quick else 2048
+    if args.min_steps > args.max_steps:
+        parser.error(f"--min-steps {args.min_steps} is more than --max-steps {args.max_steps}")
+    if args.replot and not (args.out / "results.json").is_file():
+        parser.error(f"--replot: {args.out / 'results.json'} not found; run without --replot first")
+    args.out = _args.check_out(parser, args.out)
     return args
 
 
@@ -370,7 +380,6 @@ def main(argv=None) -> None:
     analysis = analyse(rows, env["matmul_peak_flops"])
     wall_s = time.perf_counter() - t_start
 
-    args.out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "wall_s": wall_s, "environment": env,
                "rules": {"dispatch_factor": DISPATCH_FACTOR, "per_sample_gain": PER_SAMPLE_GAIN},
                "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},

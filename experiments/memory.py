@@ -50,6 +50,7 @@ import jax
 import jax.extend.core as jex_core
 import numpy as np
 
+import _args  # experiments/_args.py
 from graphduo import runtime, timing
 from graphduo.eager import EagerStep
 from graphduo.graphs import run_equation
@@ -60,7 +61,7 @@ from graphduo.traced import TracedStep
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 LR = 1e-3
-DEFAULT_OUT = pathlib.Path("experiments/results/memory")
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "memory"
 MiB = 2**20
 
 
@@ -161,7 +162,8 @@ def eager_memory(model, tx, state, batch, keep_trace: bool = False) -> dict[str,
     outputs = [read(v) for v in jaxpr.outvars]
     output_bytes = tree_bytes(outputs)
     end = live_bytes() - background
-    del env, outputs
+    env.clear()  # drop every value the replay held (the closure `read` keeps the dict itself)
+    del outputs
     gc.collect()
     row = {"ops": n, "input_bytes": input_bytes, "output_bytes": output_bytes, "peak_bytes": peak,
            "peak_op": peak_op, "end_bytes": end, "intermediate_bytes_no_free": all_intermediate,
@@ -328,22 +330,27 @@ def write_plot(out: pathlib.Path, rows: list[dict]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Peak memory of one Adam training step of the MLP and the CNN over batch sizes 1..1024: "
-                    "traced from XLA's memory analysis, eager from live-array accounting during an op-by-op "
-                    "replay of the step.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _args.make_parser(
+        __doc__, "Peak memory of one Adam training step of the MLP and the CNN over batch sizes 1..1024: "
+                 "traced from XLA's memory analysis, eager from live-array accounting during an op-by-op "
+                 "replay of the step.")
     parser.add_argument("--quick", action="store_true", help="smoke test in under a minute: MLP only, batch 1 and 64")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
-                        help="folder for results.json, SUMMARY.md and memory.png")
-    parser.add_argument("--models", default=None, help="comma-separated models (default mlp,cnn; --quick: mlp)")
-    parser.add_argument("--batch-sizes", default=None,
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=_args.out_help("results.json, SUMMARY.md and memory.png", DEFAULT_OUT))
+    parser.add_argument("--models", type=_args.models, default=None,
+                        help=f"comma-separated models, of {', '.join(_args.MODELS)} (default mlp,cnn; --quick: mlp)")
+    parser.add_argument("--batch-sizes", type=_args.batch_sizes, default=None,
                         help="comma-separated batch sizes (default 1,2,4,...,1024; --quick: 1,64)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in (args.models or ("mlp" if args.quick else "mlp,cnn")).split(",")]
-    default_batches = "1,64" if args.quick else ",".join(str(2**i) for i in range(11))
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or default_batches).split(",")]
+    args.models = args.models or (["mlp"] if args.quick else list(_args.MODELS))
+    args.batch_sizes = args.batch_sizes or ([1, 64] if args.quick else [2**i for i in range(11)])
+    args.out = _args.check_out(parser, args.out)
     return args
 
 
@@ -374,7 +381,6 @@ def main(argv=None) -> None:
             gc.collect()
     wall_s = time.perf_counter() - t_start
 
-    args.out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "wall_s": wall_s, "environment": env,
                "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
                "rows": rows}

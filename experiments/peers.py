@@ -28,7 +28,9 @@ Also: the traced step's achieved FLOP/s (XLA ``cost_analysis()["flops"]`` / medi
 (``graphduo.graphs.inspect_eager``: ops dispatched per step, time by phase) next to torch eager's
 forward / backward / optimizer-step times.
 
-Needs PyTorch: ``pip install "graphduo[peers]"``. Without it the script says so and exits with status 2.
+Needs PyTorch: from the repository root, ``pip install -c constraints.txt ".[peers]"`` (the version it
+was measured with). Without it the script says so and exits with status 2. When the four variants'
+losses disagree, it still writes its results (recording the mismatch) and then exits with status 1.
 
 Run:
     python experiments/peers.py            # full run, about five minutes
@@ -45,10 +47,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import pathlib
-import shlex
 import statistics
 import sys
 import time
@@ -59,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _args  # experiments/_args.py
 from graphduo import runtime, timing
 from graphduo.eager import EagerStep
 from graphduo.graphs import inspect_eager
@@ -69,7 +72,7 @@ from graphduo.traced import TracedStep
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 LR = 1e-3
-DEFAULT_OUT = pathlib.Path("experiments/results/peers")
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "peers"
 VARIANTS = ("torch-eager", "torch-compile", "graphduo-eager", "graphduo-traced")
 CHECK_STEPS = 5
 # Loss agreement after CHECK_STEPS steps from the same weights on the same batches. torch and XLA sum
@@ -82,14 +85,21 @@ CHECK_STEPS = 5
 LOSS_RTOL = 1e-3
 
 
+INSTALL_TORCH = 'from the repository root, pip install -c constraints.txt ".[peers]"'
+
+
+def torch_missing():
+    """Exit with status 2 and a one-line message saying how to install PyTorch."""
+    print(f"experiments/peers.py needs PyTorch, which is not installed: {INSTALL_TORCH}", file=sys.stderr)
+    sys.exit(2)
+
+
 def need_torch():
     """Import torch, or exit with status 2 and a one-line message saying how to install it."""
     try:
         import torch
     except ImportError:
-        print('experiments/peers.py needs PyTorch, which is not installed: pip install "graphduo[peers]"',
-              file=sys.stderr)
-        sys.exit(2)
+        torch_missing()
     return torch
 
 
@@ -481,6 +491,9 @@ def write_summary(path, results, goal_list, env, command, wall_s, args, plot_not
              f"{CHECK_STEPS} steps from the same weights on the same batches, all four variants: " + "; ".join(
                  f"{r['model']} b{r['batch_size']} max relative difference {r['checks']['max_rel_diff']:.1e} "
                  f"({'within' if r['checks']['ok'] else 'OUTSIDE'} {LOSS_RTOL:g})" for r in results) + ".", ""]
+    mismatch = loss_mismatch(results)
+    if mismatch:
+        text += [f"**Loss check failed**: {mismatch}. The run exited with status 1.", ""]
     text += ["## Eager breakdown (batch 32)", "", *breakdown_text(results)]
     if plot_note:
         text += [plot_note, ""]
@@ -514,29 +527,74 @@ def plot(results, out: pathlib.Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Time the same MLP/CNN Adam training step in PyTorch eager, torch.compile, graphduo eager "
-                    "and graphduo traced, from the same weights; check they agree; write results.json and "
-                    'SUMMARY.md. Needs PyTorch (pip install "graphduo[peers]").',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _args.make_parser(
+        __doc__, "Time the same MLP/CNN Adam training step in PyTorch eager, torch.compile, graphduo eager "
+                 "and graphduo traced, from the same weights; check they agree; write results.json and "
+                 f"SUMMARY.md. Needs PyTorch: {INSTALL_TORCH}.")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test in under a minute: MLP at batch 32 only, 1 round, short measurements")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="folder for the results")
-    parser.add_argument("--models", default=None, help="comma-separated models (default mlp,cnn; --quick: mlp)")
-    parser.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes (default 32,256; --quick: 32)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per workload (default 3; --quick: 1)")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=_args.out_help("results.json, SUMMARY.md and step_time.png", DEFAULT_OUT))
+    parser.add_argument("--models", type=_args.models, default=None,
+                        help=f"comma-separated models, of {', '.join(_args.MODELS)} (default mlp,cnn; --quick: mlp)")
+    parser.add_argument("--batch-sizes", type=_args.batch_sizes, default=None,
+                        help="comma-separated batch sizes (default 32,256; --quick: 32)")
+    parser.add_argument("--rounds", type=_args.positive_int, default=None,
+                        help="interleaved rounds per workload (default 3; --quick: 1)")
+    parser.add_argument("--budget", type=_args.positive_float, default=None,
                         help="seconds of timed steps per variant per round (default 0.8; --quick: 0.2)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     q = args.quick
-    args.models = [m.strip() for m in (args.models or ("mlp" if q else "mlp,cnn")).split(",")]
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("32" if q else "32,256")).split(",")]
+    args.models = args.models or (["mlp"] if q else list(_args.MODELS))
+    args.batch_sizes = args.batch_sizes or ([32] if q else [32, 256])
     args.rounds = args.rounds or (1 if q else 3)
     args.budget = args.budget or (0.2 if q else 0.8)
     args.min_steps = 3 if q else 5
     args.max_steps = 50 if q else 300
+    if importlib.util.find_spec("torch") is None:  # before --out is made: a run without torch writes nothing
+        torch_missing()
+    args.out = _args.check_out(parser, args.out)
     return args
+
+
+def loss_mismatch(results) -> str | None:
+    """One line naming the workloads whose four variants reached different losses, or None."""
+    bad = [r for r in results if not r["checks"]["ok"]]
+    if not bad:
+        return None
+    return ("the variants' losses differ beyond the relative tolerance "
+            f"{LOSS_RTOL:g} after {CHECK_STEPS} steps from the same weights: "
+            + ", ".join(f"{r['model']} b{r['batch_size']} (max {r['checks']['max_rel_diff']:.1e})" for r in bad)
+            + "; the timings compare different computations")
+
+
+def report(args, command: str, env: dict, results: list[dict], wall_s: float) -> int:
+    """Print the table and goals, write results.json, SUMMARY.md and the plot into ``args.out``; the exit
+    status: 1 (with a one-line error) when the variants' losses disagree, else 0."""
+    goal_list = goals(results, env["matmul_peak_flops"])
+    print(format_table(table_rows(results)))
+    for g in goal_list:
+        print(f"goal: {g['goal']}: {g['met']} ({g['reading']})")
+    mismatch = loss_mismatch(results)
+    plot_note = plot(results, args.out)
+    payload = {"command": command, "wall_s": wall_s, "environment": env, "goals": goal_list,
+               "losses_agree": mismatch is None, "loss_mismatch": mismatch,
+               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+               "workloads": results}
+    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_summary(args.out / "SUMMARY.md", results, goal_list, env, command, wall_s, args, plot_note)
+    print(f"wall time {wall_s:.0f} s; wrote {args.out / 'results.json'} and {args.out / 'SUMMARY.md'}",
+          file=sys.stderr)
+    if mismatch:
+        print(f"peers.py: error: {mismatch}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv=None) -> None:
@@ -548,7 +606,7 @@ def main(argv=None) -> None:
     # torch.compile's first step must include a real compile, not a hit in inductor's on-disk cache
     # left by an earlier run (which makes it look ~10x cheaper); graphduo-traced compiles afresh too.
     torch._inductor.config.force_disable_caches = True
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()
     env.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
@@ -559,21 +617,9 @@ def main(argv=None) -> None:
     results = [bench_workload(torch, m, b, args) for m in args.models for b in args.batch_sizes]
     env["matmul_peak_flops_end"] = timing.matmul_peak_flops()
     env["matmul_peak_flops"] = max(env["matmul_peak_flops_start"], env["matmul_peak_flops_end"])
-    goal_list = goals(results, env["matmul_peak_flops"])
-    wall_s = time.perf_counter() - t_start
-
-    print(format_table(table_rows(results)))
-    for g in goal_list:
-        print(f"goal: {g['goal']}: {g['met']} ({g['reading']})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot_note = plot(results, args.out)
-    payload = {"command": command, "wall_s": wall_s, "environment": env, "goals": goal_list,
-               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
-               "workloads": results}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
-    write_summary(args.out / "SUMMARY.md", results, goal_list, env, command, wall_s, args, plot_note)
-    print(f"wall time {wall_s:.0f} s; wrote {args.out / 'results.json'} and {args.out / 'SUMMARY.md'}",
-          file=sys.stderr)
+    status = report(args, command, env, results, time.perf_counter() - t_start)
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

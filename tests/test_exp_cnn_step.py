@@ -2,6 +2,7 @@
 and each child applies its own settings (that they take effect is graphduo.runtime's own test).
 Timings live in the recorded results, not here."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -36,9 +37,16 @@ def test_quick_run_writes_results_and_checks_losses(tmp_path):
             assert "kept for reuse" in note, note
     summary = (tmp_path / "SUMMARY.md").read_text()
     assert "| graphduo | eigen | reuse |" in summary and "Machine:" in summary
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "step_time.png").stat().st_size > 0 and "(step_time.png)" in summary
+    else:
+        assert not (tmp_path / "step_time.png").exists() and "step_time.png" not in summary
 
 
-def test_bad_arguments_exit_2_with_one_line():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "0"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert "--rounds must be at least 1, got 0" in proc.stderr.strip().splitlines()[-1]
+def test_bad_arguments_exit_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "0", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("cnn_step.py: error: argument --rounds: expected a positive "
+                                                    "integer, got '0'")
+    assert not (tmp_path / "out").exists()

@@ -33,6 +33,8 @@ def _run_quick(script: str, out: pathlib.Path) -> dict:
 
 
 def _load(script: str):
+    if str(ROOT / "experiments") not in sys.path:  # as `python experiments/NAME.py` has it: for _args
+        sys.path.insert(0, str(ROOT / "experiments"))
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), ROOT / "experiments" / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -3,6 +3,7 @@
 These check that the scripts work and write what they promise, not the figures.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -25,11 +26,7 @@ def test_quick_runs_write_results_summary_and_plots(tmp_path):
     _run("eager_vs_traced.py", evt)
     _run("memory.py", mem)
 
-    try:
-        import matplotlib  # noqa: F401
-        has_mpl = True
-    except ImportError:
-        has_mpl = False
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
 
     results = json.loads((evt / "results.json").read_text())
     assert results["environment"]["jax"] and results["environment"]["matmul_peak_flops"] > 0

@@ -2,7 +2,7 @@
 
 This checks that the script works and writes what it promises, not the figures. It never skips:
 with torch installed the quick run must succeed; without it, the script must exit with status 2 and
-a one-line message naming ``pip install "graphduo[peers]"``.
+a one-line message naming ``pip install -c constraints.txt ".[peers]"`` (never PyPI's graphduo).
 """
 
 import importlib.util
@@ -26,7 +26,7 @@ def test_quick_run_or_clear_install_message(tmp_path):
     if importlib.util.find_spec("torch") is None:
         assert result.returncode == 2, result.stderr[-3000:]
         message = result.stderr.strip().splitlines()
-        assert len(message) == 1 and 'pip install "graphduo[peers]"' in message[0], result.stderr
+        assert len(message) == 1 and 'pip install -c constraints.txt ".[peers]"' in message[0], result.stderr
         assert not out.exists()
         return
 
@@ -50,3 +50,4 @@ def test_quick_run_or_clear_install_message(tmp_path):
     assert len(results["goals"]) == 3  # not evaluated at batch 32 only, but stated
     summary = (out / "SUMMARY.md").read_text()
     assert "|" in summary and "Goals" in summary and "torch.set_num_threads" in summary
+    assert results["losses_agree"] and results["loss_mismatch"] is None

@@ -3,6 +3,7 @@
 These check that the scripts work, not the figures: timing goals live in the recorded results.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -25,3 +26,8 @@ def test_quick_run_writes_results_and_summary(script, tmp_path):
     assert "environment" in json.dumps(results) and "jax" in json.dumps(results)
     summary = (tmp_path / "SUMMARY.md").read_text()
     assert "|" in summary and "machine" in summary.lower()
+    plot = {"bench_core.py": "ratios.png", "data_parallel.py": "samples_per_s.png"}[script]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / plot).stat().st_size > 0
+    else:
+        assert not (tmp_path / plot).exists()
