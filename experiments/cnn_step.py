@@ -2,32 +2,36 @@
 
 The finding behind graphduo's CNN defaults (experiments/RESULTS.md, "The CNN step"), kept
 reproducible. It times the default CNN's traced Adam training step (conv32-pool-conv64-pool-dense128
-on 28x28x1, 10 classes) in a 3 x 2 x 2 design, all cells from the same initial weights on the same
-batch:
+on 28x28x1, 10 classes) in a 3 x 5 design (three formulations; XLA's two convolution libraries by
+two host memory policies, and oneDNN's convolutions with memory reused), all cells from the same
+initial weights on the same batch:
 
 formulations (all compute the same function, see tests/test_models.py):
 * ``flax``:           ``model.module.apply``: Flax's ``nn.Conv`` -> ``nn.relu`` -> ``nn.max_pool``.
 * ``graphduo-lax``:   graphduo's block, ``relu(max_pool_2x2(conv) + bias)`` with the first-maximum
                       pooling gradient, but every convolution a plain ``lax.conv_general_dilated``.
 * ``graphduo``:       ``graphduo.models.cnn_apply`` as shipped: the above, plus the one-input-channel
-                      first convolution as shifted multiply-adds.
+                      first convolution as shifted multiply-adds, and its convolutions on oneDNN in
+                      the ``onednn`` setting (the other two formulations keep XLA's there).
 
 convolution libraries (``graphduo.runtime.cpu_convolution_flags``; XLA reads its flags once per
 process, so each setting runs in its own child process):
-* ``xla``:   this jaxlib's default (jax 0.10: YNNPACK);
-* ``eigen``: XLA's Eigen convolutions (graphduo's default).
+* ``xla``:    this jaxlib's default (jax 0.10: YNNPACK);
+* ``eigen``:  XLA's Eigen convolutions;
+* ``onednn``: graphduo's default (``graphduo.runtime.use_cpu_convolutions``): the models'
+              convolutions on oneDNN through JAX's FFI (``graphduo.onednn``), XLA's on Eigen.
 
 host memory (``graphduo.runtime.reuse_host_memory``, process-wide, so also one per child):
 * ``system``: glibc's default: the step's scratch memory is mapped afresh every step;
 * ``reuse``:  freed memory kept for the next step (graphduo's default).
 
-How: the four children of a round run in an order that flips each round; in a child every
+How: the five children of a round run in an order that flips each round; in a child every
 formulation is compiled once and timed with ``graphduo.timing.time_steps`` (first step apart,
 warm-up, each step run to completion), in an order that flips each round too. A cell's figure is
 the median over rounds of its per-round median; a ratio is the median of per-round ratios against
 ``flax`` with ``xla`` convolutions and ``system`` memory (jaxlib's defaults throughout) measured in
 the same round. Each child also trains every formulation 3 steps from the same weights; the losses
-of all twelve cells must agree (relative 1e-4, float32 summation order).
+of all fifteen cells must agree (relative 1e-4, float32 summation order).
 Each cell also counts the process's minor page faults per step (``getrusage``) over 3 more steps
 after its timed ones (steady state, once the heap has grown): memory the kernel maps and zeroes
 afresh, which is what ``reuse`` is meant to remove.
@@ -59,7 +63,8 @@ DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "cnn_step"
 FORMULATIONS = ("flax", "graphduo-lax", "graphduo")
 CONVOLUTIONS = ("xla", "eigen")
 HOST_MEMORY = ("system", "reuse")
-SETTINGS = tuple(f"{conv}+{mem}" for conv in CONVOLUTIONS for mem in HOST_MEMORY)
+# The 2 x 2 design of XLA's libraries and host memory, and oneDNN (graphduo's default) with reuse.
+SETTINGS = (*(f"{conv}+{mem}" for conv in CONVOLUTIONS for mem in HOST_MEMORY), "onednn+reuse")
 BASELINE = ("flax", "xla+system")
 CHECK_STEPS = 3
 FAULT_STEPS = 3
@@ -90,6 +95,7 @@ def child(setting: str, batch_size: int, steps: int, reverse: bool) -> dict:
 
     convolutions, host_memory = setting.split("+")
     os.environ["XLA_FLAGS"], note = runtime.cpu_convolution_flags(convolutions)
+    convolution_note = runtime.use_cpu_convolutions(convolutions)
     memory_note = runtime.reuse_host_memory(host_memory)
     import jax
     import numpy as np
@@ -105,7 +111,7 @@ def child(setting: str, batch_size: int, steps: int, reverse: bool) -> dict:
     u = rng.random((batch_size, 28, 28, 1), dtype=np.float32)
     batch = jax.device_put({"image": np.where(u < 0.6, 0.0, u).astype(np.float32),  # digit-like zeros
                             "label": rng.integers(0, 10, batch_size).astype(np.int32)})
-    out = {"setting": setting, "note": note, "memory_note": memory_note, "environment": timing.environment(),
+    out = {"setting": setting, "note": note, "convolution_note": convolution_note, "memory_note": memory_note, "environment": timing.environment(),
            "cells": {}}
     names = FORMULATIONS[::-1] if reverse else FORMULATIONS
     for name in names:
@@ -187,15 +193,16 @@ def write_plot(out: pathlib.Path, result: dict) -> str | None:
         print("matplotlib is not installed: skipping the plot", file=sys.stderr)
         return None
     cells = result["analysis"]["cells"]
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    settings = [s for s in SETTINGS if f"{FORMULATIONS[0]}|{s}" in cells]  # results of older runs have fewer
+    fig, ax = plt.subplots(figsize=(1.9 * len(settings) + 1, 4))
     width = 0.8 / len(FORMULATIONS)
     for i, name in enumerate(FORMULATIONS):
-        xs = [j + (i - (len(FORMULATIONS) - 1) / 2) * width for j in range(len(SETTINGS))]
-        ms = [cells[f"{name}|{setting}"]["median_ms"] for setting in SETTINGS]
+        xs = [j + (i - (len(FORMULATIONS) - 1) / 2) * width for j in range(len(settings))]
+        ms = [cells[f"{name}|{setting}"]["median_ms"] for setting in settings]
         bars = ax.bar(xs, ms, width, label=name)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(range(len(SETTINGS)),
-                  [f"{s.split('+')[0]} convolutions\n{s.split('+')[1]} memory" for s in SETTINGS])
+    ax.set_xticks(range(len(settings)),
+                  [f"{s.split('+')[0]} convolutions\n{s.split('+')[1]} memory" for s in settings])
     ax.set_ylabel("median ms per step")
     ax.set_title(f"CNN traced Adam step, batch {result['batch_size']}: {len(result['rounds'])} round(s)")
     ax.grid(alpha=0.3, axis="y")
@@ -219,7 +226,8 @@ def write_summary(path: pathlib.Path, result: dict, args, command: str, wall_s: 
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s; batch {args.batch_size}; {args.rounds} round(s) of {len(SETTINGS)} child "
         f"processes, {args.steps} timed steps per cell per round.  ",
-        f"Machine: {describe_machine(env)} (the eigen+reuse children; xla children ran without XLA_FLAGS, "
+        f"Machine: {describe_machine(env)} (the eigen+reuse children; onednn children with oneDNN's "
+        f"convolutions for graphduo's formulation, xla children without XLA_FLAGS, "
         f"system children with glibc's default malloc policy).", "",
         *format_table(cells), "",
         f"Fastest: {best['formulation']} with {best['convolutions']} convolutions and {best['host_memory']} host "
@@ -231,7 +239,9 @@ def write_summary(path: pathlib.Path, result: dict, args, command: str, wall_s: 
         "flax: `nn.Conv -> nn.relu -> nn.max_pool`; graphduo-lax: `relu(max_pool_2x2(conv) + bias)` with "
         "the first-maximum pooling gradient and `lax` convolutions; graphduo: `graphduo.models.cnn_apply` "
         "(also the one-channel first convolution as multiply-adds). xla: jaxlib's default convolutions "
-        "(YNNPACK in jax 0.10); eigen: `graphduo.runtime.cpu_convolution_flags(\"eigen\")` in XLA_FLAGS. "
+        "(YNNPACK in jax 0.10); eigen: `graphduo.runtime.cpu_convolution_flags(\"eigen\")` in XLA_FLAGS; "
+        "onednn: also `graphduo.runtime.use_cpu_convolutions(\"onednn\")` (graphduo's formulation runs its "
+        "convolutions on oneDNN through JAX's FFI; the other two keep XLA's Eigen ones). "
         "system: glibc's malloc as it comes (the step's scratch memory mapped afresh every step); reuse: "
         "`graphduo.runtime.reuse_host_memory(\"reuse\")` (freed memory kept for the next step). Page "
         f"faults/step: the child's minor page faults per step over {FAULT_STEPS} steps after the timed ones "

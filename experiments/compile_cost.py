@@ -471,8 +471,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # before any JAX computation, as the CLI
-    runtime.reuse_host_memory()  # freed host memory kept for the next step, as the CLI
+    runtime.apply_cpu_settings()  # oneDNN convolutions, XLA flags, host memory: as the CLI (before any JAX computation)
     if args.cache_child:
         cache_child(args.cache_child)
         return

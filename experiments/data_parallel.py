@@ -313,8 +313,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from graphduo import runtime
 
-    os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # inherited by the child processes
-    runtime.reuse_host_memory()  # freed host memory kept for the next step, as the CLI
+    runtime.apply_cpu_settings()  # oneDNN convolutions, XLA flags, host memory: as the CLI (inherited by the child processes)
     settings = dict(QUICK if args.quick else FULL)
     if args.steps is not None:
         settings["steps"] = args.steps

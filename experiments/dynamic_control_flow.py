@@ -43,7 +43,6 @@ and, when matplotlib is installed, ``DIR/time_per_call.png``.
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import pathlib
 import sys
@@ -397,8 +396,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # before any JAX computation, as the CLI
-    runtime.reuse_host_memory()  # freed host memory kept for the next step, as the CLI
+    runtime.apply_cpu_settings()  # oneDNN convolutions, XLA flags, host memory: as the CLI (before any JAX computation)
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()

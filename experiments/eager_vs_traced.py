@@ -40,7 +40,6 @@ reading) and ``DIR/step_time.png`` (step time vs batch, log-log, per model) and 
 from __future__ import annotations
 
 import argparse
-import os
 import gc
 import json
 import pathlib
@@ -54,6 +53,7 @@ import numpy as np
 import _args  # experiments/_args.py
 from graphduo import runtime, timing
 from graphduo.eager import EagerStep
+from graphduo.graphs import step_flops
 from graphduo.models import build_model
 from graphduo.step import create_train_state, make_optimizer, make_train_step
 from graphduo.traced import TracedStep
@@ -94,7 +94,8 @@ def time_case(model, tx, mode: str, batch_size: int, args) -> dict[str, Any]:
            "loss": float(metrics[-1]["loss"])}
     if mode == "traced":
         stages = step.stages(state, batch)  # cached: same signature, no new compile
-        row["cost"] = stages.cost_analysis()
+        # XLA's FLOP count; with oneDNN's convolutions, counted on the same step with XLA's.
+        row["cost"] = {**stages.cost_analysis(), "flops": step_flops(model, tx, state, batch)}
         rec = stages.record
         row["compile_s"] = {"trace": rec.trace_s, "lower": rec.lower_s, "compile": rec.compile_s}
     del state, metrics, step
@@ -353,8 +354,7 @@ def replot(out: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # before any JAX computation, as the CLI
-    runtime.reuse_host_memory()  # freed host memory kept for the next step, as the CLI
+    runtime.apply_cpu_settings()  # oneDNN convolutions, XLA flags, host memory: as the CLI (before any JAX computation)
     if args.replot:
         replot(args.out)
         return

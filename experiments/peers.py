@@ -599,8 +599,7 @@ def report(args, command: str, env: dict, results: list[dict], wall_s: float) ->
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ["XLA_FLAGS"] = runtime.cpu_convolution_flags()[0]  # before any JAX computation, as the CLI
-    runtime.reuse_host_memory()  # freed host memory kept for the next step, as the CLI
+    runtime.apply_cpu_settings()  # oneDNN convolutions, XLA flags, host memory: as the CLI (before any JAX computation)
     torch = need_torch()
     torch.set_num_threads(os.cpu_count() or 1)
     # torch.compile's first step must include a real compile, not a hit in inductor's on-disk cache

@@ -1,8 +1,6 @@
 """Shared fixtures. Device-count and XLA settings belong here (or in subprocess environments), never
 in library modules."""
 
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -10,9 +8,9 @@ import pytest
 import graphduo
 import graphduo.runtime
 
-# The suite runs what users run: graphduo's entry points pick XLA:CPU's Eigen convolutions.
-os.environ["XLA_FLAGS"] = graphduo.runtime.cpu_convolution_flags("eigen")[0]
-graphduo.runtime.reuse_host_memory("reuse")
+# The suite runs what users run: graphduo's entry points' CPU settings (oneDNN convolutions, XLA's
+# on Eigen, freed host memory reused).
+graphduo.runtime.apply_cpu_settings("onednn", "reuse")
 
 # Four virtual CPU devices, so data-parallel code is tested without accelerators. Set before any
 # test touches a JAX backend; single-device tests use the first.

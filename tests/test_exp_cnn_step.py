@@ -1,4 +1,4 @@
-"""experiments/cnn_step.py runs end to end in --quick mode, its twelve cells train the same function,
+"""experiments/cnn_step.py runs end to end in --quick mode, its fifteen cells train the same function,
 and each child applies its own settings (that they take effect is graphduo.runtime's own test).
 Timings live in the recorded results, not here."""
 
@@ -22,13 +22,16 @@ def test_quick_run_writes_results_and_checks_losses(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     cells = result["analysis"]["cells"]
-    assert len(cells) == 12 and all(c["median_ms"] > 0 for c in cells.values())
+    assert len(cells) == 15 and all(c["median_ms"] > 0 for c in cells.values())
     assert result["analysis"]["loss_check"]["ok"]
     rnd = result["rounds"][0]
     for mem in ("system", "reuse"):
         assert rnd[f"eigen+{mem}"]["note"] == "XLA:CPU convolutions: Eigen"
         assert "-individual_convolution" in rnd[f"eigen+{mem}"]["environment"]["xla_flags"]
         assert rnd[f"xla+{mem}"]["environment"]["xla_flags"] == ""
+    assert rnd["onednn+reuse"]["convolution_note"] == "convolutions: oneDNN (graphduo's FFI calls)"
+    assert "-individual_convolution" in rnd["onednn+reuse"]["environment"]["xla_flags"]
+    assert rnd["eigen+reuse"]["convolution_note"] == "convolutions: XLA's"
     for conv in ("xla", "eigen"):
         assert rnd[f"{conv}+system"]["memory_note"] == "host memory: the C library's default"
         note = rnd[f"{conv}+reuse"]["memory_note"]

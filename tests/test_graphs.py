@@ -58,6 +58,8 @@ _CUBLAS = '  %custom-call.1 = (f32[256,512]{1,0}, s8[4]{0}) custom-call(%a, %b),
     ("dot", _DOT, "cpu", "Eigen"),
     ("dot", _DOT, "gpu", "gpu dot"),
     ("custom-call", _CUBLAS, "gpu", "cuBLAS"),
+    ("custom-call", '  %ffi_call.4 = f32[8,14,14,64]{3,2,1,0} custom-call(%a, %b), custom_call_target='
+                    '"graphduo_onednn_conv_fwd", api_version=API_VERSION_TYPED_FFI', "cpu", "oneDNN (graphduo)"),
     ("fusion", '  %f = f32[8,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%c, backend_config={"operation_queue_id":"0",'
                '"fusion_backend_config":{"kind":"__triton_gemm","triton_gemm_config":{"block_m":"64"}}}',
      "gpu", "Triton"),
@@ -117,7 +119,10 @@ def test_inspect_cli_text_json_dot(capsys):
     assert "kernels by library       XLA codegen" in text
     assert main(["inspect", "--model", "cnn", "--format", "json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["traced"]["jaxpr_primitives"]["conv_general_dilated"] >= 2
+    # the CNN's convolutions are graphduo's oneDNN calls (the suite runs with the CLI's default)
+    assert result["traced"]["jaxpr_primitives"]["ffi_call"] >= 4
+    assert result["traced"]["kernels_by_library"]["oneDNN (graphduo)"] == 4
+    assert result["traced"]["cost"]["flops"] > 2e7  # the convolutions counted, though XLA cannot see into them
     assert result["ops_per_kernel"] > 1
     assert main(["inspect", "--format", "dot"]) == 0
     assert capsys.readouterr().out.startswith("digraph")

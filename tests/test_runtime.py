@@ -55,7 +55,7 @@ def test_this_jaxlib_knows_the_flag():
 
 
 def test_unknown_choice_names_the_choices():
-    with pytest.raises(ValueError, match="choose one of eigen, xla"):
+    with pytest.raises(ValueError, match="choose one of onednn, eigen, xla"):
         runtime.cpu_convolution_flags("mkl", "")
 
 

@@ -208,11 +208,12 @@ def setup_runtime(config: Config) -> None:
     """
     import jax
 
-    from graphduo.runtime import cpu_convolution_flags, reuse_host_memory
+    from graphduo.runtime import apply_cpu_settings
 
     # First: XLA reads its flags once, when the backend starts.
-    os.environ["XLA_FLAGS"] = cpu_convolution_flags(config.cpu_convolutions)[0]
-    reuse_host_memory(config.host_memory)
+    _, convolutions, _ = apply_cpu_settings(config.cpu_convolutions, config.host_memory)
+    if config.cpu_convolutions == "onednn" and "unavailable" in convolutions:
+        print(f"graphduo: {convolutions}", file=sys.stderr)
     if config.debug_nans:
         jax.config.update("jax_debug_nans", True)
     if config.devices is not None:

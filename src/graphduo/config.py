@@ -89,9 +89,10 @@ class Config:
     num_processes: int | None = _field(None, "number of processes (with --coordinator)")
     process_id: int | None = _field(None, "this process's index, 0 to num-processes - 1 (with --coordinator)")
     init_timeout: int = _field(300, "seconds to wait for every process to join")
-    cpu_convolutions: str = _field("eigen", "library behind XLA:CPU's convolutions: eigen (XLA's Eigen path: "
-                                   "convolutions 2-3x faster here than jax 0.10's YNNPACK default, the CNN step "
-                                   "1.6-2.3x) or xla (whatever this jaxlib picks); set through XLA_FLAGS, unless "
+    cpu_convolutions: str = _field("onednn", "kernels behind the CPU convolutions: onednn (oneDNN, through JAX's FFI: "
+                                   "the CNN step ~1.2x faster here than on eigen; eigen where oneDNN cannot load), "
+                                   "eigen (XLA's Eigen path: 2-3x faster here than jax 0.10's YNNPACK default) or "
+                                   "xla (whatever this jaxlib picks); XLA's part set through XLA_FLAGS, unless "
                                    "XLA_FLAGS already chooses",
                                    choices=CPU_CONVOLUTIONS)
     host_memory: str = _field("reuse", "reuse: keep freed host memory for the next step (glibc malloc: no fresh "

@@ -55,7 +55,8 @@ def hlo_instructions(text: str) -> list[tuple[str, str, str]]:
 # runs an unfused dot or convolution with Eigen; everything else is code XLA generated itself.
 _FUSION_LIBRARIES = {"__ynn": "YNNPACK", "__xnn": "XNNPACK", "__onednn": "oneDNN", "__triton": "Triton",
                      "__cudnn": "cuDNN", "__cublas": "cuBLAS"}
-_CUSTOM_CALL_LIBRARIES = {"__cublas": "cuBLAS", "__cudnn": "cuDNN", "__onednn": "oneDNN"}
+_CUSTOM_CALL_LIBRARIES = {"__cublas": "cuBLAS", "__cudnn": "cuDNN", "__onednn": "oneDNN",
+                          "graphduo_onednn": "oneDNN (graphduo)"}
 _FUSION_KIND = re.compile(r'"(?:fusion_config|fusion_backend_config)":\{[^}]*"kind":"([^"]+)"')  # CPU | GPU
 _CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
@@ -80,6 +81,21 @@ def kernel_library(opcode: str, line: str, platform: str = "cpu") -> str:
     if opcode in ("dot", "convolution"):
         return "Eigen" if platform == "cpu" else f"{platform} {opcode}"
     return "XLA codegen"
+
+
+def step_flops(model: Model, tx, state: TrainState, batch) -> float:
+    """The training step's floating-point operations, as XLA's cost analysis counts them.
+
+    XLA counts nothing inside a custom call, so with oneDNN's convolutions (``graphduo.onednn``)
+    the count comes from the same step traced with XLA's convolutions: the same function, whose
+    convolutions XLA does count. One extra compile when oneDNN is in use."""
+    from graphduo import runtime
+
+    if not runtime.onednn_convolutions():
+        return TracedStep(make_train_step(model.apply, tx)).stages(state, batch).cost_analysis()["flops"]
+    with runtime.xla_convolutions():
+        step = jax.jit(make_train_step(model.apply, tx))
+        return float(step.lower(state, batch).compile().cost_analysis()["flops"])
 
 
 def _entry_name(text: str) -> str:
@@ -120,7 +136,7 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
         "kernels_by_opcode": dict(collections.Counter(op for op, _ in kernels).most_common()),
         "kernels_by_library": dict(libraries.most_common()),
         "platform": platform,
-        "cost": stages.cost_analysis(),
+        "cost": {**stages.cost_analysis(), "flops": step_flops(model, tx, state, batch)},
         "memory": stages.memory_analysis(),
         "compile": {"trace_s": stages.record.trace_s, "lower_s": stages.record.lower_s,
                     "compile_s": stages.record.compile_s},

@@ -1,20 +1,23 @@
 """Process-wide settings for the CPU. Entry points apply them, libraries don't.
 
-Two settings live here. First, which library runs XLA:CPU's convolutions. jaxlib 0.10 hands them to
-YNNPACK by default; XLA's older Eigen path runs the CNN's convolutions 2-3x faster on the CPU
-measured, their weight gradients most (experiments/RESULTS.md, "The CNN step": with graphduo's
-formulation the default CNN's traced step at batch 256 took 87 ms on Eigen, 196 ms on YNNPACK).
-The choice is an ``XLA_FLAGS``
-entry, so it covers eager ops and compiled steps alike, and the eager-vs-traced comparison stays
-like for like.
+Three settings live here. First, which kernels run the models' convolutions. By default
+(``use_cpu_convolutions("onednn")``) graphduo's models call oneDNN's convolutions through JAX's FFI
+(``graphduo.onednn``): the default CNN's traced step at batch 256 ~1.2x faster than on XLA's best
+(experiments/RESULTS.md, "The CNN step"). The choice is read when a model is traced, so it covers
+eager ops and compiled steps alike, and the eager-vs-traced comparison stays like for like.
 
-``cpu_convolution_flags`` only computes the setting; entry points apply it, before any JAX computation:
-``graphduo train|compare|inspect`` (``--cpu-convolutions``), the experiment scripts and the test
-suite's ``conftest.py``. A program using graphduo as a library does the same, first thing: it sets
-the environment variable ``XLA_FLAGS`` to ``graphduo.runtime.cpu_convolution_flags("eigen")[0]``
-(README, "As a library").
+Second, which library runs the convolutions XLA:CPU compiles itself (those of ``--cpu-convolutions
+eigen|xla``, Flax's ``nn.Conv``). jaxlib 0.10 hands them to YNNPACK by default; XLA's older Eigen
+path runs the CNN's convolutions 2-3x faster on the CPU measured, their weight gradients most
+(with graphduo's formulation the default CNN's traced step at batch 256 took 87 ms on Eigen, 196 ms
+on YNNPACK). The choice is an ``XLA_FLAGS`` entry, read once when the backend starts.
 
-Second, whether freed host memory is kept for reuse (``reuse_host_memory``). XLA:CPU takes each
+``apply_cpu_settings`` applies all three, before any JAX computation: ``graphduo
+train|compare|inspect`` (``--cpu-convolutions``, ``--host-memory``), the experiment scripts, the
+test suite's ``conftest.py``, and a program using graphduo as a library, first thing (README, "As
+a library"). ``cpu_convolution_flags`` only computes the ``XLA_FLAGS`` value.
+
+Third, whether freed host memory is kept for reuse (``reuse_host_memory``). XLA:CPU takes each
 compiled step's scratch memory from ``malloc`` (on a worker thread) and frees it when the step ends.
 glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh ``mmap`` pages, every call,
 trims a heap's freed top back to the system, and unmaps a thread arena's heap once it empties, so a
@@ -31,6 +34,7 @@ starts, and a library user calls ``graphduo.runtime.reuse_host_memory("reuse")``
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import mmap
@@ -39,8 +43,10 @@ import pathlib
 import platform
 import threading
 
-CPU_CONVOLUTIONS = ("eigen", "xla")
-"""``eigen``: XLA's Eigen convolutions (graphduo's default); ``xla``: whatever this jaxlib picks."""
+CPU_CONVOLUTIONS = ("onednn", "eigen", "xla")
+"""``onednn``: graphduo's models run their convolutions on oneDNN through JAX's FFI
+(``graphduo.onednn``; graphduo's default), and whatever convolution XLA still compiles on Eigen;
+``eigen``: XLA's Eigen convolutions; ``xla``: whatever this jaxlib picks."""
 
 _YNN_TYPES = "xla_cpu_experimental_ynn_fusion_type"
 EIGEN_FLAG = f"--{_YNN_TYPES}=-individual_convolution"
@@ -69,12 +75,13 @@ def _backend_started() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
-def cpu_convolution_flags(choice: str = "eigen", flags: str | None = None) -> tuple[str, str]:
+def cpu_convolution_flags(choice: str = "onednn", flags: str | None = None) -> tuple[str, str]:
     """``(XLA_FLAGS value, one-line account)`` that picks the library behind XLA:CPU's convolutions.
 
     ``flags`` defaults to the current ``XLA_FLAGS``. The value only ever adds to them, and only when
     the addition can take effect: JAX's backend has not started, the user's flags say nothing about
-    YNNPACK fusions (theirs win), and this jaxlib knows the flag. ``choice="xla"`` changes nothing.
+    YNNPACK fusions (theirs win), and this jaxlib knows the flag. ``choice="xla"`` changes nothing;
+    ``"onednn"`` sets what ``"eigen"`` sets (for any convolution left to XLA).
     Pure: putting the value into the environment is the caller's (an entry point's) job.
     """
     if choice not in CPU_CONVOLUTIONS:
@@ -82,6 +89,7 @@ def cpu_convolution_flags(choice: str = "eigen", flags: str | None = None) -> tu
     flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
     if choice == "xla":
         return flags, "XLA:CPU convolutions: this jaxlib's default"
+    choice = "eigen"
     if _YNN_TYPES in flags and EIGEN_FLAG not in flags:
         return flags, f"XLA:CPU convolutions: as XLA_FLAGS sets them ({flags.strip()})"
     if EIGEN_FLAG in flags:
@@ -92,6 +100,69 @@ def cpu_convolution_flags(choice: str = "eigen", flags: str | None = None) -> tu
         return flags, ("XLA:CPU convolutions: this jaxlib's default (JAX had already started; set XLA_FLAGS "
                        "before any JAX computation)")
     return f"{flags} {EIGEN_FLAG}".strip(), "XLA:CPU convolutions: Eigen"
+
+
+_onednn_convolutions = False
+_convolution_note = "convolutions: XLA's"
+
+
+def use_cpu_convolutions(choice: str = "onednn") -> str:
+    """Which kernels graphduo's models run their convolutions on, process-wide; a one-line account.
+
+    ``"onednn"``: oneDNN, through the FFI calls of ``graphduo.onednn``, for float32 convolutions on
+    the CPU backend (on another backend, or in another dtype, models keep ``lax`` convolutions).
+    When oneDNN cannot be loaded here (no ``onednn-cpu-gomp`` package, no GNU OpenMP runtime, not
+    Linux x86-64) the models keep XLA's convolutions and the account says why. ``"eigen"`` and
+    ``"xla"``: XLA's convolutions (which library runs them is ``cpu_convolution_flags``' business).
+    Read when a model is traced: call it before building steps. Entry points call it (the CLI's
+    ``--cpu-convolutions``, the experiment scripts, the test suite); a library never does.
+    """
+    global _onednn_convolutions, _convolution_note
+    if choice not in CPU_CONVOLUTIONS:
+        raise ValueError(f"unknown CPU convolution choice {choice!r}: choose one of {', '.join(CPU_CONVOLUTIONS)}")
+    if choice == "onednn":
+        from graphduo import onednn
+
+        reason = onednn.available()
+        _onednn_convolutions = reason is None
+        _convolution_note = ("convolutions: oneDNN (graphduo's FFI calls)" if reason is None
+                             else f"convolutions: XLA's (oneDNN unavailable: {reason})")
+    else:
+        _onednn_convolutions = False
+        _convolution_note = "convolutions: XLA's"
+    return _convolution_note
+
+
+def onednn_convolutions() -> bool:
+    """Whether graphduo's models run their CPU convolutions on oneDNN (``use_cpu_convolutions``)."""
+    return _onednn_convolutions
+
+
+@contextlib.contextmanager
+def xla_convolutions():
+    """Within: models trace their convolutions as XLA's, whatever was chosen (restored on exit).
+    For what needs XLA to see every operation, such as its FLOP count: XLA counts nothing inside
+    a custom call."""
+    global _onednn_convolutions
+    before = _onednn_convolutions
+    _onednn_convolutions = False
+    try:
+        yield
+    finally:
+        _onednn_convolutions = before
+
+
+def convolution_note() -> str:
+    """What the last ``use_cpu_convolutions`` call chose in this process (for result files)."""
+    return _convolution_note
+
+
+def apply_cpu_settings(convolutions: str = "onednn", host_memory: str = "reuse") -> list[str]:
+    """An entry point's first call: XLA's flags for ``convolutions`` into ``XLA_FLAGS`` (before the
+    backend starts), the models' convolution kernels, and the host memory policy. Returns the
+    accounts of the three."""
+    os.environ["XLA_FLAGS"], flags_note = cpu_convolution_flags(convolutions)
+    return [flags_note, use_cpu_convolutions(convolutions), reuse_host_memory(host_memory)]
 
 
 HOST_MEMORY = ("reuse", "system")

@@ -149,6 +149,7 @@ def describe_machine(env: dict[str, Any]) -> str:
     """One line naming what ``environment()`` recorded, for the summaries results come with."""
     return (f"{env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), "
             f"python {env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}; "
+            f"{env.get('convolutions', 'convolutions: not recorded')}; "
             f"{env.get('host_memory', 'host memory: not recorded')}")
 
 
@@ -168,6 +169,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host_memory": runtime.host_memory_note(),
+        "convolutions": runtime.convolution_note(),
         "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

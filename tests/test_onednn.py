@@ -1,0 +1,165 @@
+"""oneDNN's convolutions through JAX's FFI (graphduo.onednn): same function as XLA's convolution,
+gradients included, against an independent float64 reference; wired into the models only where
+chosen; failures reported, never silent."""
+
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from graphduo import build_model, make_optimizer, onednn, runtime
+from graphduo.models import cnn_apply
+
+# graphduo depends on onednn-cpu-gomp where its wheel exists (pyproject.toml): there oneDNN must work,
+# and these tests fail if it does not load. Elsewhere graphduo keeps XLA's convolutions.
+pytestmark = pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
+                                reason="onednn-cpu-gomp exists for Linux x86-64 only")
+
+
+def reference_conv(x, kernel):
+    """SAME, stride 1, NHWC x HWIO, in float64 with numpy: an implementation that shares nothing with
+    XLA's or oneDNN's."""
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    kh, kw = kernel.shape[:2]
+    top, left = (kh - 1) // 2, (kw - 1) // 2
+    xp = np.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+    n, h, w, _ = x.shape
+    out = np.zeros((n, h, w, kernel.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            out += xp[:, i:i + h, j:j + w, :] @ kernel[i, j]
+    return out
+
+
+def lax_conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+SHAPES = [
+    pytest.param((4, 14, 14, 32), (3, 3, 32, 64), id="cnn-second-layer"),
+    pytest.param((3, 28, 28, 1), (3, 3, 1, 32), id="one-input-channel"),
+    pytest.param((2, 7, 9, 3), (2, 4, 3, 5), id="even-kernel-rectangular"),
+    pytest.param((1, 5, 5, 2), (5, 1, 2, 3), id="tall-kernel"),
+]
+
+
+def _inputs(x_shape, k_shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.standard_normal(x_shape, dtype=np.float32)),
+            jnp.asarray(rng.standard_normal(k_shape, dtype=np.float32)))
+
+
+def _close(a, b, scale):
+    # float32 sums of at most kh*kw*ci (forward) or n*h*w (weight gradient) products: relative
+    # error ~ eps * sqrt(terms) in practice; 2e-5 of the output's scale leaves 10x room.
+    return np.abs(np.asarray(a, np.float64) - b).max() <= 2e-5 * scale
+
+
+@pytest.mark.parametrize("x_shape,k_shape", SHAPES)
+def test_forward_matches_a_float64_reference_and_xla(x_shape, k_shape):
+    x, kernel = _inputs(x_shape, k_shape)
+    want = reference_conv(x, kernel)
+    scale = np.abs(want).max()
+    assert _close(onednn.conv_same(x, kernel), want, scale)
+    assert _close(jax.jit(onednn.conv_same)(x, kernel), want, scale)
+    assert _close(lax_conv(x, kernel), want, scale)  # the reference itself agrees with XLA
+    # Negative control: the kernel flipped in space (a convolution, not XLA's cross-correlation).
+    assert not _close(onednn.conv_same(x, kernel[::-1, ::-1]), want, scale)
+
+
+@pytest.mark.parametrize("x_shape,k_shape", SHAPES)
+def test_gradients_match_xla(x_shape, k_shape):
+    x, kernel = _inputs(x_shape, k_shape)
+    g = jnp.asarray(np.random.default_rng(1).standard_normal((*x_shape[:3], k_shape[3]), dtype=np.float32))
+
+    def grads(conv):
+        return jax.grad(lambda x, k: jnp.vdot(conv(x, k), g), argnums=(0, 1))(x, kernel)
+
+    for mine, want in zip(grads(onednn.conv_same), grads(lax_conv)):
+        scale = np.abs(np.asarray(want)).max()
+        assert _close(mine, np.asarray(want, np.float64), scale)
+    # Negative control: the two gradients swapped between their FFI targets would not even agree
+    # in shape; the data gradient of another kernel must not agree in value.
+    other = grads(lambda x, k: lax_conv(x, k[::-1, ::-1]))[0]
+    assert not _close(grads(onednn.conv_same)[0], np.asarray(other, np.float64), np.abs(np.asarray(other)).max())
+
+
+@pytest.fixture
+def convolutions():
+    """Switch the models' convolution kernels for one test, then back to the suite's setting."""
+    before = runtime.onednn_convolutions()
+    yield runtime.use_cpu_convolutions
+    runtime.use_cpu_convolutions("onednn" if before else "eigen")
+
+
+def _hlo(model, tx):
+    from graphduo.step import create_train_state, make_train_step
+
+    state = create_train_state(model, tx, jax.random.key(0))
+    batch = {"image": jnp.zeros((8, 28, 28, 1)), "label": jnp.zeros((8,), jnp.int32)}
+    return jax.jit(make_train_step(model.apply, tx)).lower(state, batch).as_text()
+
+
+def test_the_cnn_runs_on_onednn_only_where_chosen(convolutions):
+    model, tx = build_model("cnn", (28, 28, 1), 10, channels=(4, 8), dense=16), make_optimizer("adam", 1e-3)
+    assert convolutions("onednn") == "convolutions: oneDNN (graphduo's FFI calls)"
+    hlo = _hlo(model, tx)
+    # conv2's forward and both gradients, conv1's weight gradient; conv1's forward is multiply-adds
+    # and its input gradient is never needed (the image is data).
+    assert [t for t in onednn.TARGETS if t in hlo] == list(onednn.TARGETS)
+    assert "convolution(" not in hlo.replace("conv_general_dilated", "")
+    assert convolutions("eigen") == "convolutions: XLA's"
+    assert not any(t in _hlo(model, tx) for t in onednn.TARGETS)
+
+
+def test_the_cnn_computes_the_same_on_either(convolutions):
+    model = build_model("cnn", (28, 28, 1), 10, channels=(4, 8), dense=16)
+    params = model.init(jax.random.key(0))
+    x = jnp.asarray(np.random.default_rng(0).random((8, 28, 28, 1), dtype=np.float32))
+
+    def loss_and_grads():
+        return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(cnn_apply(p, x))))(params)
+
+    convolutions("onednn")
+    mine = loss_and_grads()
+    convolutions("eigen")
+    want = loss_and_grads()
+    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(want)):
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_and_other_backends_keep_xla(convolutions):
+    convolutions("onednn")
+    x, kernel = _inputs((2, 6, 6, 3), (3, 3, 3, 4))
+    from graphduo.models import conv_same
+
+    hlo = jax.jit(conv_same).lower(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)).as_text()
+    assert not any(t in hlo for t in onednn.TARGETS) and "convolution" in hlo
+
+
+def test_a_failing_call_is_an_error_not_a_wrong_result(monkeypatch):
+    def broken(x_shape, kernel_shape):
+        raise RuntimeError("no primitive for you")
+
+    monkeypatch.setattr(onednn, "_convolution", broken)
+    x, kernel = _inputs((1, 4, 4, 2), (3, 3, 2, 2))
+    with pytest.raises(Exception, match=r"graphduo oneDNN convolution \(fwd\) failed: RuntimeError: no primitive"):
+        jax.block_until_ready(jax.jit(onednn.conv_same)(x, kernel + 1))  # a new input: no cached result
+
+
+def test_missing_library_falls_back_with_the_reason(monkeypatch, convolutions):
+    from importlib import metadata
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", not_installed)
+    with pytest.raises(onednn.OneDNNUnavailable, match="the onednn-cpu-gomp package is not installed"):
+        onednn.library_path()
+    monkeypatch.setattr(onednn, "available", lambda: "the onednn-cpu-gomp package is not installed")
+    note = convolutions("onednn")
+    assert note == "convolutions: XLA's (oneDNN unavailable: the onednn-cpu-gomp package is not installed)"
+    assert not runtime.onednn_convolutions()
