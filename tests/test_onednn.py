@@ -88,8 +88,12 @@ def test_gradients_match_xla(x_shape, k_shape):
 
 
 @pytest.fixture
-def convolutions():
-    """Switch the models' convolution kernels for one test, then back to the suite's setting."""
+def convolutions(monkeypatch):
+    """Switch the models' convolution kernels for one test, then back to the suite's setting; the
+    test models are small, so every convolution of theirs goes to oneDNN when chosen."""
+    from graphduo import models
+
+    monkeypatch.setattr(models, "ONEDNN_MIN_FLOPS", 0)
     before = runtime.onednn_convolutions()
     yield runtime.use_cpu_convolutions
     runtime.use_cpu_convolutions("onednn" if before else "eigen")
@@ -129,6 +133,20 @@ def test_the_cnn_computes_the_same_on_either(convolutions):
     want = loss_and_grads()
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(want)):
         assert np.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_small_convolutions_stay_on_xla():
+    from graphduo import models
+
+    runtime.use_cpu_convolutions("onednn")  # the suite's setting, restated
+    small, large = (8, 14, 14, 32), (32, 14, 14, 32)  # second CNN layer at batch 8 and 32: 58 and 231 MFLOP
+    kernel = jnp.zeros((3, 3, 32, 64))
+
+    def targets(x_shape):
+        hlo = jax.jit(models.conv_same).lower(jnp.zeros(x_shape), kernel).as_text()
+        return [t for t in onednn.TARGETS if t in hlo]
+
+    assert targets(small) == [] and targets(large) == [onednn.TARGETS[0]]
 
 
 def test_bfloat16_and_other_backends_keep_xla(convolutions):

@@ -183,11 +183,22 @@ _conv_same_single_channel.defvjp(
 )
 
 
+ONEDNN_MIN_FLOPS = 100e6
+"""Smallest convolution (forward FLOPs) given to oneDNN. Each oneDNN call costs ~40 us more than an
+XLA kernel, and its OpenMP threads keep spinning for a while after it on cores XLA's next kernels
+want: on the CPU measured the CNN's step on 28x28 inputs was slower on oneDNN at batch 8 (3.5-4.0
+against 2.7-3.6 ms; its second convolution 58 MFLOP), even within the noise at 16-32 (116-231
+MFLOP), 1.3-1.6x faster at 64 and more (462 MFLOP up); on digits (8x8, batch 32) 2x slower. At
+batch 256 both convolutions' oneDNN calls clear it (the first one's weight gradient: 116 MFLOP)."""
+
+
 def _library_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``_conv_same`` on oneDNN where the entry point chose it (``runtime.use_cpu_convolutions``)
-    and it applies (float32 on the CPU backend), else on XLA."""
+    """``_conv_same`` on oneDNN where the entry point chose it (``runtime.use_cpu_convolutions``),
+    it applies (float32 on the CPU backend) and pays (``ONEDNN_MIN_FLOPS``), else on XLA."""
+    kh, kw, ci, co = kernel.shape
+    flops = 2 * x.shape[0] * x.shape[1] * x.shape[2] * ci * co * kh * kw
     if (runtime.onednn_convolutions() and x.dtype == kernel.dtype == jnp.float32
-            and jax.default_backend() == "cpu"):
+            and jax.default_backend() == "cpu" and flops >= ONEDNN_MIN_FLOPS):
         return onednn.conv_same(x, kernel)
     return _conv_same(x, kernel)
 
