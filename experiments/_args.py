@@ -24,26 +24,24 @@ def _fail(message: str):
     raise argparse.ArgumentTypeError(message)
 
 
-def positive_int(text: str) -> int:
-    """``type=`` for a count or size: an integer of at least 1."""
+def _int_at_least(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        _fail(f"expected a positive integer, got {text!r}")
+        value = least - 1
+    if value < least:
+        _fail(f"expected {what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """``type=`` for a count or size: an integer of at least 1."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
     """``type=`` for a count that may be 0 (warm-up steps)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        _fail(f"expected an integer of at least 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "an integer of at least 0")
 
 
 def positive_float(text: str) -> float:
