@@ -53,7 +53,7 @@ import numpy as np
 import _args  # experiments/_args.py
 from graphduo import runtime, timing
 from graphduo.eager import EagerStep
-from graphduo.graphs import step_flops
+from graphduo.graphs import step_cost
 from graphduo.models import build_model
 from graphduo.step import create_train_state, make_optimizer, make_train_step
 from graphduo.traced import TracedStep
@@ -94,8 +94,8 @@ def time_case(model, tx, mode: str, batch_size: int, args) -> dict[str, Any]:
            "loss": float(metrics[-1]["loss"])}
     if mode == "traced":
         stages = step.stages(state, batch)  # cached: same signature, no new compile
-        # XLA's FLOP count; with oneDNN's convolutions, counted on the same step with XLA's.
-        row["cost"] = {**stages.cost_analysis(), "flops": step_flops(model, tx, state, batch)}
+        # XLA's cost analysis; with oneDNN's convolutions, of the same step with XLA's (graphs.step_cost).
+        row["cost"] = step_cost(model, tx, state, batch)
         rec = stages.record
         row["compile_s"] = {"trace": rec.trace_s, "lower": rec.lower_s, "compile": rec.compile_s}
     del state, metrics, step

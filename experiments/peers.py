@@ -64,8 +64,7 @@ import numpy as np
 import _args  # experiments/_args.py
 from graphduo import runtime, timing
 from graphduo.eager import EagerStep
-from graphduo.graphs import inspect_eager
-from graphduo.graphs import step_flops
+from graphduo.graphs import inspect_eager, step_cost
 from graphduo.models import build_model
 from graphduo.step import TrainState, make_optimizer, make_train_step
 from graphduo.traced import TracedStep
@@ -298,9 +297,8 @@ def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, A
             f"{n} {rs[-1]['median_ms']:.3g}" for n, rs in rounds.items()) + " ms", file=sys.stderr)
 
     traced = next(v for v in variants if v.name == "graphduo-traced")
-    # XLA's FLOP count; with oneDNN's convolutions, counted on the same step with XLA's (graphs.step_flops).
-    cost = {**traced.step.stages(gd_state(), gd_batch).cost_analysis(),
-            "flops": step_flops(model, tx, gd_state(), gd_batch)}
+    # XLA's cost analysis; with oneDNN's convolutions, of the same step with XLA's (graphs.step_cost).
+    cost = step_cost(model, tx, gd_state(), gd_batch)
     res = {"model": model_name, "batch_size": batch_size, "checks": checks, "first_step_s": first_s,
            "timed_steps_per_round": steps, "rounds": rounds, "cost": cost,
            "graphduo_traced_compile_s": traced.step.compile_time_s}

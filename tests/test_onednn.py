@@ -181,3 +181,58 @@ def test_missing_library_falls_back_with_the_reason(monkeypatch, convolutions):
     note = convolutions("onednn")
     assert note == "convolutions: XLA's (oneDNN unavailable: the onednn-cpu-gomp package is not installed)"
     assert not runtime.onednn_convolutions()
+
+
+def test_shapes_and_dtypes_that_do_not_fit_are_refused():
+    x, kernel = _inputs((1, 4, 4, 2), (3, 3, 3, 2))  # the kernel expects 3 input channels, x has 2
+    with pytest.raises(ValueError, match="matching channels"):
+        onednn.conv_same(x, kernel)
+    with pytest.raises(TypeError, match="float32"):
+        onednn.conv_same(x, kernel[:, :, :2].astype(jnp.bfloat16))
+    # The handlers check the buffers XLA hands them too (a mismatch would read or write outside them).
+    assert onednn._shapes("fwd", (1, 4, 4, 2), (3, 3, 2, 5), (1, 4, 4, 5)) == ((1, 4, 4, 2), (3, 3, 2, 5))
+    assert onednn._shapes("bwd_data", (1, 4, 4, 5), (3, 3, 2, 5), (1, 4, 4, 2)) == ((1, 4, 4, 2), (3, 3, 2, 5))
+    assert onednn._shapes("bwd_weights", (1, 4, 4, 2), (1, 4, 4, 5), (3, 3, 2, 5)) == ((1, 4, 4, 2), (3, 3, 2, 5))
+    for kind, shapes in [("fwd", ((1, 4, 4, 2), (3, 3, 2, 5), (1, 4, 4, 4))),
+                         ("bwd_data", ((1, 4, 4, 5), (3, 3, 3, 5), (1, 4, 4, 2))),
+                         ("bwd_weights", ((1, 4, 4, 2), (2, 4, 4, 5), (3, 3, 2, 5)))]:
+        with pytest.raises(ValueError, match="do not fit"):
+            onednn._shapes(kind, *shapes)
+
+
+def test_calls_run_on_one_thread_of_graphdous(monkeypatch):
+    import threading
+
+    names = []
+    real = onednn._Convolution.forward
+
+    def forward(self, *pointers):
+        names.append(threading.current_thread().name)
+        return real(self, *pointers)
+
+    monkeypatch.setattr(onednn._Convolution, "forward", forward)
+    x, kernel = _inputs((2, 6, 6, 3), (3, 3, 3, 4), seed=3)
+    for _ in range(3):
+        jax.block_until_ready(jax.jit(onednn.conv_same)(x, kernel + len(names)))
+    assert len(names) == 3 and all(n.startswith("graphduo-onednn") for n in names), names
+
+
+@pytest.mark.parametrize("strategy,calls", [("auto", False), ("shard_map", True), ("pmap", True)])
+def test_only_steps_split_by_hand_call_onednn_on_several_devices(convolutions, strategy, calls):
+    """XLA's partitioner cannot split a custom call: under jit with shardings it would gather the batch
+    and run every call in full on each device, so those steps keep XLA's convolutions."""
+    from graphduo import parallel
+    from graphduo.step import create_train_state
+
+    convolutions("onednn")
+    model, tx = build_model("cnn", (8, 8, 1), 10, channels=(4, 8), dense=16), make_optimizer("adam", 1e-3)
+    p = parallel.plan("traced", model, tx, strategy=strategy, devices=2)
+    state = p.put_state(create_train_state(model, tx, jax.random.key(0)))
+    batch = p.put_batch({"image": np.zeros((8, 8, 8, 1), np.float32), "label": np.zeros((8,), np.int32)})
+    hlo = p.train_step.stages(state, batch).compiled.as_text()
+    assert any(t in hlo for t in onednn.TARGETS) == calls
+    if strategy != "pmap":  # evaluation: jit with shardings (pmap's plan feeds it the same way)
+        eval_batch = p.put_batch({"image": np.zeros((8, 8, 8, 1), np.float32), "label": np.zeros((8,), np.int32),
+                                  "mask": np.ones((8,), np.float32)})
+        eval_hlo = p.eval_step.stages(p.eval_params(state.params), eval_batch).compiled.as_text()
+        assert "convolution" in eval_hlo and not any(t in eval_hlo for t in onednn.TARGETS)

@@ -83,19 +83,19 @@ def kernel_library(opcode: str, line: str, platform: str = "cpu") -> str:
     return "XLA codegen"
 
 
-def step_flops(model: Model, tx, state: TrainState, batch) -> float:
-    """The training step's floating-point operations, as XLA's cost analysis counts them.
+def step_cost(model: Model, tx, state: TrainState, batch) -> dict[str, float]:
+    """XLA's cost analysis of the training step: ``flops``, ``transcendentals``, ``bytes accessed``.
 
     XLA counts nothing inside a custom call, so with oneDNN's convolutions (``graphduo.onednn``)
-    the count comes from the same step traced with XLA's convolutions: the same function, whose
-    convolutions XLA does count. One extra compile when oneDNN is in use."""
+    the figures come from the same step traced with XLA's convolutions: the same function, whose
+    convolutions XLA does count, all three figures from that one compile."""
     from graphduo import runtime
 
     if not runtime.onednn_convolutions():
-        return TracedStep(make_train_step(model.apply, tx)).stages(state, batch).cost_analysis()["flops"]
+        return TracedStep(make_train_step(model.apply, tx)).stages(state, batch).cost_analysis()
     with runtime.xla_convolutions():
-        step = jax.jit(make_train_step(model.apply, tx))
-        return float(step.lower(state, batch).compile().cost_analysis()["flops"])
+        step = TracedStep(make_train_step(model.apply, tx))
+        return step.stages(state, batch).cost_analysis()
 
 
 def _entry_name(text: str) -> str:
@@ -136,7 +136,7 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
         "kernels_by_opcode": dict(collections.Counter(op for op, _ in kernels).most_common()),
         "kernels_by_library": dict(libraries.most_common()),
         "platform": platform,
-        "cost": {**stages.cost_analysis(), "flops": step_flops(model, tx, state, batch)},
+        "cost": step_cost(model, tx, state, batch),
         "memory": stages.memory_analysis(),
         "compile": {"trace_s": stages.record.trace_s, "lower_s": stages.record.lower_s,
                     "compile_s": stages.record.compile_s},

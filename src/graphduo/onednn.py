@@ -13,9 +13,15 @@ graphduo's HWIO layout and the blocked layout oneDNN picks) are built once and c
 Activations stay in graphduo's NHWC layout, which oneDNN reads and writes directly. Three FFI
 targets (``graphduo_onednn_conv_*``) are registered with XLA once per process; their handlers are
 ``ctypes`` callbacks that XLA calls with its own buffers, so nothing is copied: oneDNN reads the
-operands where XLA keeps them and writes into the output buffer XLA gives it. A handler holds the
-GIL only to look its primitives up; oneDNN runs with the GIL released, on all cores, one call at a
-time (a lock: two at once would only share the same cores).
+operands where XLA keeps them and writes into the output buffer XLA gives it. Every call runs on
+one dedicated thread of graphduo's, whatever XLA worker asked for it: GNU OpenMP keeps a thread pool
+per calling thread, so calls from XLA's many workers would each grow one; one call at a time (two
+at once would only share the same cores); oneDNN itself runs with the GIL released.
+
+XLA's partitioner knows no rule for these calls (under ``jit`` with shardings it would gather the
+batch and run each call in full on every device), so ``graphduo.parallel`` traces the functions
+it leaves to the partitioner with XLA's convolutions; ``shard_map`` and ``pmap`` steps call oneDNN
+per device on the local batch.
 
 What it computes is ``lax.conv_general_dilated(x, kernel, (1, 1), "SAME")`` on NHWC/HWIO float32
 arrays, with its gradients: the same sums in another order (tests/test_onednn.py bounds the
@@ -28,8 +34,11 @@ graphduo's models use it is a process-wide choice made by entry points
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes as C
 import functools
+import os
+import sys
 import threading
 from importlib import metadata
 from typing import Any
@@ -286,8 +295,9 @@ class _Convolution:
         d.run(self.from_diff_w, {_ARG_SRC: self.diff_w, _ARG_DST: self.w})
 
 
-_LOCK = threading.Lock()
-_CONVOLUTIONS: dict[tuple, _Convolution] = {}
+_CONVOLUTIONS: dict[tuple, _Convolution] = {}  # touched only by the executor thread
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+_REGISTER_LOCK = threading.Lock()
 
 
 def _convolution(x_shape, kernel_shape) -> _Convolution:
@@ -306,19 +316,39 @@ def _shape(buffer: _Buffer) -> tuple[int, ...]:
     return tuple(buffer.dims[i] for i in range(buffer.rank))
 
 
+def _shapes(kind: str, a, b, out) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(x shape, kernel shape)`` of one call, after checking that its three buffers fit together
+    (a mismatch would have oneDNN read or write outside XLA's buffers)."""
+    if kind == "fwd":
+        x, kernel = a, b
+        want = (*x[:3], kernel[3]) if len(x) == len(kernel) == 4 else None
+        ok = want == out and x[3] == kernel[2]
+    elif kind == "bwd_data":
+        x, kernel = out, b
+        ok = len(x) == len(kernel) == len(a) == 4 and a == (*x[:3], kernel[3]) and x[3] == kernel[2]
+    else:
+        x, kernel = a, out
+        ok = len(x) == len(kernel) == len(b) == 4 and b == (*x[:3], kernel[3]) and x[3] == kernel[2]
+    if not ok:
+        raise ValueError(f"buffer shapes {a}, {b} -> {out} do not fit a convolution")
+    return x, kernel
+
+
 def _run(kind: str, frame: _CallFrame) -> None:
-    """One FFI call: ``kind`` is fwd (x, kernel -> y), bwd_data (g, kernel -> dx) or bwd_weights (x, g -> dkernel)."""
-    args, (out,) = _buffers(frame.args), _buffers(frame.rets)
-    if any(b.dtype != _FFI_F32 for b in (*args, out)):
-        raise TypeError("graphduo's oneDNN convolutions take float32 arrays")
-    a, b = args
-    with _LOCK:
-        if kind == "fwd":
-            _convolution(_shape(a), _shape(b)).forward(a.data, b.data, out.data)
-        elif kind == "bwd_data":
-            _convolution(_shape(out), _shape(b)).backward_data(a.data, b.data, out.data)
-        else:
-            _convolution(_shape(a), _shape(out)).backward_weights(a.data, b.data, out.data)
+    """One FFI call: ``kind`` is fwd (x, kernel -> y), bwd_data (g, kernel -> dx) or bwd_weights
+    (x, g -> dkernel); run on the executor thread, this XLA worker waiting for it."""
+    args, rets = _buffers(frame.args), _buffers(frame.rets)
+    if len(args) != 2 or len(rets) != 1 or any(b.dtype != _FFI_F32 for b in (*args, *rets)):
+        raise TypeError("graphduo's oneDNN convolutions take two float32 arrays and return one")
+    (a, b), (out,) = args, rets
+    x_shape, kernel_shape = _shapes(kind, _shape(a), _shape(b), _shape(out))
+    pointers = (a.data, b.data, out.data)
+
+    def execute():
+        conv = _convolution(x_shape, kernel_shape)
+        {"fwd": conv.forward, "bwd_data": conv.backward_data, "bwd_weights": conv.backward_weights}[kind](*pointers)
+
+    _EXECUTOR.submit(execute).result()
 
 
 def _error(frame: _CallFrame, message: str):
@@ -341,8 +371,13 @@ def _handler(kind: str):
             if frame.stage == _FFI_EXECUTE:
                 _run(kind, frame)
             return None
-        except Exception as err:  # noqa: BLE001 - reported to XLA, which raises it in the caller
-            return _error(frame, f"graphduo oneDNN convolution ({kind}) failed: {type(err).__name__}: {err}")
+        except BaseException as err:  # noqa: BLE001 - reported to XLA, which raises it in the caller
+            message = f"graphduo oneDNN convolution ({kind}) failed: {type(err).__name__}: {err}"
+            try:
+                return _error(frame, message)
+            except BaseException:  # returning NULL would tell XLA the garbage in the output is a result
+                print(f"{message}; could not report it to XLA: aborting", file=sys.stderr, flush=True)
+                os.abort()
 
     return _HANDLER(handle)
 
@@ -353,10 +388,14 @@ _HANDLERS: dict[str, Any] = {}
 def register() -> None:
     """Register the three FFI targets with XLA (once per process); ``OneDNNUnavailable`` if libdnnl
     does not load."""
-    with _LOCK:
+    global _EXECUTOR
+    if _HANDLERS:  # the common case, every call: no lock (one would wait for running convolutions)
+        return
+    with _REGISTER_LOCK:
         if _HANDLERS:
             return
         _dnnl()
+        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="graphduo-onednn")
         handlers = {target: _handler(target.rsplit("_conv_", 1)[1]) for target in TARGETS}
         for target, handler in handlers.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(C.cast(handler, C.c_void_p).value), platform="cpu")
@@ -372,15 +411,24 @@ def _out_shape(x, kernel):
     return jax.ShapeDtypeStruct((*x.shape[:3], kernel.shape[3]), x.dtype)
 
 
-@jax.custom_vjp
 def conv_same(x, kernel):
     """``lax.conv_general_dilated(x, kernel, (1, 1), "SAME")`` for NHWC ``x`` and HWIO ``kernel``,
-    float32, on oneDNN; its gradients too."""
+    float32, on oneDNN; its gradients too. Shapes and dtypes are checked here, when traced."""
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[3]:
+        raise ValueError(f"conv_same takes NHWC x and HWIO kernel with matching channels, got {x.shape} and "
+                         f"{kernel.shape}")
+    if x.dtype != jax.numpy.float32 or kernel.dtype != jax.numpy.float32:
+        raise TypeError(f"graphduo's oneDNN convolutions take float32, got {x.dtype} and {kernel.dtype}")
+    return _conv(x, kernel)
+
+
+@jax.custom_vjp
+def _conv(x, kernel):
     return _call(TARGETS[0], _out_shape(x, kernel), x, kernel)
 
 
 def _conv_fwd(x, kernel):
-    return conv_same(x, kernel), (x, kernel)
+    return _conv(x, kernel), (x, kernel)
 
 
 def _conv_bwd(res, g):
@@ -388,4 +436,4 @@ def _conv_bwd(res, g):
     return _call(TARGETS[1], x, g, kernel), _call(TARGETS[2], kernel, x, g)
 
 
-conv_same.defvjp(_conv_fwd, _conv_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd)

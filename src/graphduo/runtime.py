@@ -2,8 +2,9 @@
 
 Three settings live here. First, which kernels run the models' convolutions. By default
 (``use_cpu_convolutions("onednn")``) graphduo's models call oneDNN's convolutions through JAX's FFI
-(``graphduo.onednn``): the default CNN's traced step at batch 256 ~1.2x faster than on XLA's best
-(experiments/RESULTS.md, "The CNN step"). The choice is read when a model is traced, so it covers
+(``graphduo.onednn``): the default CNN's traced step at batch 256 61 -> 42 ms against XLA's best
+(experiments/RESULTS.md, "The CNN step"; convolutions under 100 MFLOP stay XLA's, where oneDNN's
+per-call cost outweighs its speed). The choice is read when a model is traced, so it covers
 eager ops and compiled steps alike, and the eager-vs-traced comparison stays like for like.
 
 Second, which library runs the convolutions XLA:CPU compiles itself (those of ``--cpu-convolutions
@@ -133,23 +134,26 @@ def use_cpu_convolutions(choice: str = "onednn") -> str:
     return _convolution_note
 
 
+_tracing = threading.local()  # xla_convolutions(): per thread, so another thread's tracing is untouched
+
+
 def onednn_convolutions() -> bool:
-    """Whether graphduo's models run their CPU convolutions on oneDNN (``use_cpu_convolutions``)."""
-    return _onednn_convolutions
+    """Whether graphduo's models run their CPU convolutions on oneDNN (``use_cpu_convolutions``),
+    here and now (not inside ``xla_convolutions``)."""
+    return _onednn_convolutions and not getattr(_tracing, "xla_only", False)
 
 
 @contextlib.contextmanager
 def xla_convolutions():
-    """Within: models trace their convolutions as XLA's, whatever was chosen (restored on exit).
-    For what needs XLA to see every operation, such as its FLOP count: XLA counts nothing inside
-    a custom call."""
-    global _onednn_convolutions
-    before = _onednn_convolutions
-    _onednn_convolutions = False
+    """Within, in this thread: models trace their convolutions as XLA's, whatever was chosen. For
+    what XLA must see whole: its cost analysis counts nothing inside a custom call, and its
+    partitioner cannot split one across devices."""
+    before = getattr(_tracing, "xla_only", False)
+    _tracing.xla_only = True
     try:
         yield
     finally:
-        _onednn_convolutions = before
+        _tracing.xla_only = before
 
 
 def convolution_note() -> str:
