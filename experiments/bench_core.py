@@ -43,6 +43,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -530,7 +531,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runtime.apply_cpu_settings()  # oneDNN convolutions, XLA flags, host memory: as the CLI (before any JAX computation)
+    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI, before any JAX computation
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()

@@ -471,7 +471,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runtime.apply_cpu_settings()  # oneDNN convolutions, XLA flags, host memory: as the CLI (before any JAX computation)
+    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI, before any JAX computation
     if args.cache_child:
         cache_child(args.cache_child)
         return

@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from graphduo import runtime
 
-    runtime.apply_cpu_settings()  # oneDNN convolutions, XLA flags, host memory: as the CLI (inherited by the child processes)
+    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI; children inherit XLA_FLAGS
     settings = dict(QUICK if args.quick else FULL)
     if args.steps is not None:
         settings["steps"] = args.steps

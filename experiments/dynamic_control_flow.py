@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -396,7 +397,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runtime.apply_cpu_settings()  # oneDNN convolutions, XLA flags, host memory: as the CLI (before any JAX computation)
+    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI, before any JAX computation
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import pathlib
 import sys
 import time
@@ -354,7 +355,7 @@ def replot(out: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runtime.apply_cpu_settings()  # oneDNN convolutions, XLA flags, host memory: as the CLI (before any JAX computation)
+    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI, before any JAX computation
     if args.replot:
         replot(args.out)
         return

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import pathlib
 import sys
 import time
@@ -357,7 +358,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     # As the CLI, but with XLA's convolutions: XLA's memory analysis cannot see inside oneDNN's calls
     # (their scratch memory and reordered kernels are oneDNN's own), so the traced figure would miss it.
-    runtime.apply_cpu_settings("eigen")  # before any JAX computation
+    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings("eigen")  # before any JAX computation
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()

@@ -600,7 +600,7 @@ def report(args, command: str, env: dict, results: list[dict], wall_s: float) ->
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runtime.apply_cpu_settings()  # oneDNN convolutions, XLA flags, host memory: as the CLI (before any JAX computation)
+    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI, before any JAX computation
     torch = need_torch()
     torch.set_num_threads(os.cpu_count() or 1)
     # torch.compile's first step must include a real compile, not a hit in inductor's on-disk cache

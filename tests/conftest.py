@@ -1,6 +1,8 @@
 """Shared fixtures. Device-count and XLA settings belong here (or in subprocess environments), never
 in library modules."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import graphduo.runtime
 
 # The suite runs what users run: graphduo's entry points' CPU settings (oneDNN convolutions, XLA's
 # on Eigen, freed host memory reused).
-graphduo.runtime.apply_cpu_settings("onednn", "reuse")
+os.environ["XLA_FLAGS"], _ = graphduo.runtime.apply_cpu_settings("onednn", "reuse")
 
 # Four virtual CPU devices, so data-parallel code is tested without accelerators. Set before any
 # test touches a JAX backend; single-device tests use the first.

@@ -211,7 +211,8 @@ def setup_runtime(config: Config) -> None:
     from graphduo.runtime import apply_cpu_settings
 
     # First: XLA reads its flags once, when the backend starts.
-    _, convolutions, _ = apply_cpu_settings(config.cpu_convolutions, config.host_memory)
+    flags, (_, convolutions, _) = apply_cpu_settings(config.cpu_convolutions, config.host_memory)
+    os.environ["XLA_FLAGS"] = flags
     if config.cpu_convolutions == "onednn" and "unavailable" in convolutions:
         print(f"graphduo: {convolutions}", file=sys.stderr)
     if config.debug_nans:

@@ -13,7 +13,8 @@ path runs the CNN's convolutions 2-3x faster on the CPU measured, their weight g
 (with graphduo's formulation the default CNN's traced step at batch 256 took 87 ms on Eigen, 196 ms
 on YNNPACK). The choice is an ``XLA_FLAGS`` entry, read once when the backend starts.
 
-``apply_cpu_settings`` applies all three, before any JAX computation: ``graphduo
+``apply_cpu_settings`` applies the first and third and returns the ``XLA_FLAGS`` value of the
+second for the caller to set, before any JAX computation: ``graphduo
 train|compare|inspect`` (``--cpu-convolutions``, ``--host-memory``), the experiment scripts, the
 test suite's ``conftest.py``, and a program using graphduo as a library, first thing (README, "As
 a library"). ``cpu_convolution_flags`` only computes the ``XLA_FLAGS`` value.
@@ -161,12 +162,14 @@ def convolution_note() -> str:
     return _convolution_note
 
 
-def apply_cpu_settings(convolutions: str = "onednn", host_memory: str = "reuse") -> list[str]:
-    """An entry point's first call: XLA's flags for ``convolutions`` into ``XLA_FLAGS`` (before the
-    backend starts), the models' convolution kernels, and the host memory policy. Returns the
-    accounts of the three."""
-    os.environ["XLA_FLAGS"], flags_note = cpu_convolution_flags(convolutions)
-    return [flags_note, use_cpu_convolutions(convolutions), reuse_host_memory(host_memory)]
+def apply_cpu_settings(convolutions: str = "onednn", host_memory: str = "reuse") -> tuple[str, list[str]]:
+    """An entry point's first call: the models' convolution kernels and the host memory policy,
+    applied now; and the ``XLA_FLAGS`` value for ``convolutions``, returned for the entry point to
+    put in its environment before JAX's backend starts (``os.environ["XLA_FLAGS"], notes =
+    apply_cpu_settings()``: XLA's flags are set by entry points, never by a library module).
+    ``notes``: the three one-line accounts."""
+    flags, flags_note = cpu_convolution_flags(convolutions)
+    return flags, [flags_note, use_cpu_convolutions(convolutions), reuse_host_memory(host_memory)]
 
 
 HOST_MEMORY = ("reuse", "system")
