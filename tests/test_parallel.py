@@ -45,6 +45,18 @@ def _run(model, tx, batches, mode="traced", strategy="none", devices=None):
 STRATEGY_CASES = [pytest.param(s, n, id=f"{s}-{n}dev") for s in ("shard_map", "pmap", "auto") for n in (1, 2, 4)]
 
 
+@pytest.mark.parametrize("strategy", ["shard_map", "pmap", "auto"])
+def test_train_and_evaluate_runs_every_strategy_end_to_end(strategy, tmp_path):
+    """The whole loop, evaluation included: pmap's train step takes a per-device stack of the batch,
+    its evaluation the batch as it comes (passing it the stack failed every pmap run)."""
+    want = train_and_evaluate(Config(model="mlp", mlp_features=(16,), steps=4, run_dir=str(tmp_path / "one")),
+                              progress=False)
+    got = train_and_evaluate(Config(model="mlp", mlp_features=(16,), steps=4, strategy=strategy, devices=2,
+                                    run_dir=str(tmp_path / strategy)), progress=False)
+    assert got["devices"] == 2 and got["steps"] == 4
+    assert np.isclose(got["test_loss"], want["test_loss"], rtol=1e-4) and got["test_accuracy"] == want["test_accuracy"]
+
+
 @pytest.mark.parametrize("strategy,devices", STRATEGY_CASES)
 def test_gradient_equals_single_device_gradient_on_the_global_batch(setup, strategy, devices):
     model, batches = setup

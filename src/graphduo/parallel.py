@@ -69,10 +69,11 @@ def mean_over_devices(tree: Any) -> Any:
 class Plan:
     """How one run places its state and batches and which wrapped steps it calls.
 
-    ``train_step(state, batch)`` and ``eval_step(params, batch)`` take what ``put_state`` and
-    ``put_batch`` return; ``host_params`` brings parameters back as one NumPy tree. Under
-    ``pmap`` the state and the step's metrics carry a leading device axis (the metrics are
-    already averaged: every entry is the same).
+    ``train_step(state, batch)`` takes what ``put_state`` and ``put_batch`` return,
+    ``eval_step(params, batch)`` what ``eval_params`` and ``put_eval_batch`` (``put_batch`` when
+    None) return; ``host_params`` brings parameters back as one NumPy tree. Under ``pmap`` the
+    state and the step's metrics carry a leading device axis (the metrics are already averaged:
+    every entry is the same), and evaluation takes the batch split over the devices as it comes.
     """
 
     strategy: str
@@ -82,6 +83,7 @@ class Plan:
     put_state: Callable[[Any], Any]
     put_batch: Callable[[dict[str, np.ndarray]], Any]
     eval_params: Callable[[Any], Any]
+    put_eval_batch: Callable[[dict[str, np.ndarray]], Any] | None = None
 
     @property
     def num_devices(self) -> int:
@@ -171,7 +173,7 @@ def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | 
         return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), split) for k, v in batch.items()}
 
     return Plan(strategy, mesh, train_step, eval_step, put_stacked, put_per_device,
-                lambda params: jax.tree.map(lambda x: x[0], params))
+                lambda params: jax.tree.map(lambda x: x[0], params), put_eval_batch=put_split)
 
 
 def check_batch_size(batch_size: int, num_devices: int, what: str = "--batch-size") -> None:

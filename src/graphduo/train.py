@@ -260,6 +260,7 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
     n_params = count_params(state.params)
     state = plan.put_state(state)
     put = plan.put_batch
+    put_eval = plan.put_eval_batch or put
 
     ckpt_dir = run_dir / "checkpoints"
     checkpointer = None
@@ -365,7 +366,7 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
                 jax.block_until_ready(state)
                 train_time_s += time.perf_counter() - t_epoch
                 result = evaluate(eval_step, plan.eval_params(state.params), ds.x_test, ds.y_test,
-                                  put=put, multiple=plan.num_devices)
+                                  put=put_eval, multiple=plan.num_devices)
                 record = {"kind": "eval", "epoch": epoch + 1, "step": step,
                           "test_loss": result["loss"], "test_accuracy": result["accuracy"]}
                 if writer is not None:
@@ -386,7 +387,7 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
 
     if not evals:  # resumed a finished run: nothing left to train, evaluate once
         result = evaluate(eval_step, plan.eval_params(state.params), ds.x_test, ds.y_test,
-                          put=put, multiple=plan.num_devices)
+                          put=put_eval, multiple=plan.num_devices)
         evals.append({"test_loss": result["loss"], "test_accuracy": result["accuracy"]})
     steady_steps = step - start - 1
     step_time_ms = train_time_s / steady_steps * 1e3 if steady_steps > 0 else float("nan")
