@@ -96,7 +96,7 @@ def time_case(model, tx, mode: str, batch_size: int, args) -> dict[str, Any]:
     if mode == "traced":
         stages = step.stages(state, batch)  # cached: same signature, no new compile
         # XLA's cost analysis; with oneDNN's convolutions, of the same step with XLA's (graphs.step_cost).
-        row["cost"] = step_cost(model, tx, state, batch)
+        row["cost"] = step_cost(stages, model, tx, state, batch)
         rec = stages.record
         row["compile_s"] = {"trace": rec.trace_s, "lower": rec.lower_s, "compile": rec.compile_s}
     del state, metrics, step

@@ -298,7 +298,7 @@ def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, A
 
     traced = next(v for v in variants if v.name == "graphduo-traced")
     # XLA's cost analysis; with oneDNN's convolutions, of the same step with XLA's (graphs.step_cost).
-    cost = step_cost(model, tx, gd_state(), gd_batch)
+    cost = step_cost(traced.step.stages(gd_state(), gd_batch), model, tx, gd_state(), gd_batch)
     res = {"model": model_name, "batch_size": batch_size, "checks": checks, "first_step_s": first_s,
            "timed_steps_per_round": steps, "rounds": rounds, "cost": cost,
            "graphduo_traced_compile_s": traced.step.compile_time_s}

@@ -208,12 +208,12 @@ def setup_runtime(config: Config) -> None:
     """
     import jax
 
-    from graphduo.runtime import apply_cpu_settings
+    from graphduo.runtime import apply_cpu_settings, onednn_convolutions
 
     # First: XLA reads its flags once, when the backend starts.
     flags, (_, convolutions, _) = apply_cpu_settings(config.cpu_convolutions, config.host_memory)
     os.environ["XLA_FLAGS"] = flags
-    if config.cpu_convolutions == "onednn" and "unavailable" in convolutions:
+    if config.cpu_convolutions == "onednn" and not onednn_convolutions():  # oneDNN could not load: say why
         print(f"graphduo: {convolutions}", file=sys.stderr)
     if config.debug_nans:
         jax.config.update("jax_debug_nans", True)
@@ -283,14 +283,17 @@ def _first_line(err: BaseException) -> str:
 def _inspect(config: Config, args) -> int:
     import shutil
 
-    from graphduo import graphs
+    from graphduo import graphs, paths
     from graphduo.train import prepare
 
     if args.svg:
         if shutil.which("dot") is None:
             raise ConfigError("--svg needs Graphviz's dot program: install graphviz (apt-get install graphviz), "
                               "or use --format dot")
-        _check_file_path(args.svg, "--svg")
+        try:
+            paths.output_file(args.svg, "--svg", "step.svg")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     run = prepare(config)
     state, batch = graphs.example_inputs(run.model, run.tx, config.batch_size, config.seed)
     traced_graph = graphs.inspect_traced(run.model, run.tx, state, batch)
@@ -307,21 +310,6 @@ def _inspect(config: Config, args) -> int:
         _render_svg(dot, args.svg)
         print(f"graphduo inspect: wrote {args.svg}", file=sys.stderr)
     return 0
-
-
-def _check_file_path(path: str, flag: str) -> None:
-    """``ConfigError`` unless ``path`` can be written as a file (its folder made if missing)."""
-    import pathlib
-
-    from graphduo import paths
-
-    target = pathlib.Path(path)
-    if target.is_dir():
-        raise ConfigError(f"{flag} {target} is a folder: give a file path, such as {target / 'step.svg'}")
-    try:
-        paths.output_folder(target.parent, f"{flag}'s folder", create=False)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def _render_svg(dot: str, path: str) -> None:

@@ -83,19 +83,20 @@ def kernel_library(opcode: str, line: str, platform: str = "cpu") -> str:
     return "XLA codegen"
 
 
-def step_cost(model: Model, tx, state: TrainState, batch) -> dict[str, float]:
-    """XLA's cost analysis of the training step: ``flops``, ``transcendentals``, ``bytes accessed``.
+def step_cost(stages, model: Model, tx, state: TrainState, batch) -> dict[str, float]:
+    """XLA's cost analysis of the training step whose compiled ``stages`` are given: ``flops``,
+    ``transcendentals``, ``bytes accessed``.
 
-    XLA counts nothing inside a custom call, so with oneDNN's convolutions (``graphduo.onednn``)
-    the figures come from the same step traced with XLA's convolutions: the same function, whose
-    convolutions XLA does count, all three figures from that one compile."""
-    from graphduo import runtime
+    XLA counts nothing inside a custom call, so when the compiled step calls oneDNN
+    (``graphduo.onednn``) the figures come from the same step traced with XLA's convolutions: the
+    same function, whose convolutions XLA does count, all three figures from that one compile.
+    Otherwise they are the step's own, with no second compile."""
+    from graphduo import onednn, runtime
 
-    if not runtime.onednn_convolutions():
-        return TracedStep(make_train_step(model.apply, tx)).stages(state, batch).cost_analysis()
+    if not any(target in stages.compiled.as_text() for target in onednn.TARGETS):
+        return stages.cost_analysis()
     with runtime.xla_convolutions():
-        step = TracedStep(make_train_step(model.apply, tx))
-        return step.stages(state, batch).cost_analysis()
+        return TracedStep(make_train_step(model.apply, tx)).stages(state, batch).cost_analysis()
 
 
 def _entry_name(text: str) -> str:
@@ -136,7 +137,7 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
         "kernels_by_opcode": dict(collections.Counter(op for op, _ in kernels).most_common()),
         "kernels_by_library": dict(libraries.most_common()),
         "platform": platform,
-        "cost": step_cost(model, tx, state, batch),
+        "cost": step_cost(stages, model, tx, state, batch),
         "memory": stages.memory_analysis(),
         "compile": {"trace_s": stages.record.trace_s, "lower_s": stages.record.lower_s,
                     "compile_s": stages.record.compile_s},

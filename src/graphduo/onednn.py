@@ -319,17 +319,8 @@ def _shape(buffer: _Buffer) -> tuple[int, ...]:
 def _shapes(kind: str, a, b, out) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(x shape, kernel shape)`` of one call, after checking that its three buffers fit together
     (a mismatch would have oneDNN read or write outside XLA's buffers)."""
-    if kind == "fwd":
-        x, kernel = a, b
-        want = (*x[:3], kernel[3]) if len(x) == len(kernel) == 4 else None
-        ok = want == out and x[3] == kernel[2]
-    elif kind == "bwd_data":
-        x, kernel = out, b
-        ok = len(x) == len(kernel) == len(a) == 4 and a == (*x[:3], kernel[3]) and x[3] == kernel[2]
-    else:
-        x, kernel = a, out
-        ok = len(x) == len(kernel) == len(b) == 4 and b == (*x[:3], kernel[3]) and x[3] == kernel[2]
-    if not ok:
+    x, kernel, y = {"fwd": (a, b, out), "bwd_data": (out, b, a), "bwd_weights": (a, out, b)}[kind]
+    if not (len(x) == len(kernel) == len(y) == 4 and y == (*x[:3], kernel[3]) and x[3] == kernel[2]):
         raise ValueError(f"buffer shapes {a}, {b} -> {out} do not fit a convolution")
     return x, kernel
 

@@ -38,3 +38,14 @@ def output_folder(path: str | os.PathLike, what: str, *, create: bool) -> pathli
         reason = err.strerror or type(err).__name__
         raise ValueError(f"{what} {folder}: cannot write in {existing} ({reason}): give a writable path") from None
     return folder
+
+
+def output_file(path: str | os.PathLike, what: str, example: str) -> pathlib.Path:
+    """``path`` as a file this process can write later (its folder made then if missing);
+    ``ValueError`` (one line) if it names a folder or its folder cannot be written. ``example`` is a
+    file name for the message."""
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise ValueError(f"{what} {target} is a folder: give a file path, such as {target / example}")
+    output_folder(target.parent, f"{what}'s folder", create=False)
+    return target

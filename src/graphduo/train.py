@@ -217,10 +217,7 @@ def check_outputs(config: Config, run_dir: pathlib.Path) -> None:
         if config.profile:
             paths.output_folder(config.profile, "--profile", create=False)
         if config.params_out:
-            out = pathlib.Path(config.params_out)
-            if out.is_dir():
-                raise ValueError(f"--params-out {out} is a folder: give a file path, such as {out / 'params.npz'}")
-            paths.output_folder(out.parent, "--params-out's folder", create=False)
+            paths.output_file(config.params_out, "--params-out", "params.npz")
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
