@@ -99,6 +99,30 @@ def test_traced_compiles_once_for_a_fixed_shape_and_again_for_a_new_one(digits, 
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+def test_traced_repeat_calls_skip_the_signature_but_not_the_check(digits, monkeypatch):
+    # A call like the last goes straight to its executable (no flattening of the state: ~10 us a
+    # call); one with another signature is still caught, compiled and counted.
+    from graphduo import traced
+
+    model = build_model("mlp", digits.input_shape, digits.num_classes, features=(16,))
+    tx = make_optimizer("sgd", 0.1)
+    step = TracedStep(make_train_step(model.apply, tx), donate_argnums=0)
+    state = create_train_state(model, tx, jax.random.key(0))
+    batches = list(epoch_batches(digits.x_train, digits.y_train, 32, seed=0, epoch=0))[:6]
+    state, _ = step(state, batches[0])
+    signatures = []
+    real = traced.signature
+    monkeypatch.setattr(traced, "signature", lambda args: signatures.append(1) or real(args))
+    for batch in batches[1:5]:
+        state, _ = step(state, batch)
+    assert signatures == [] and len(step.compiles) == 1
+    small = {k: v[:8] for k, v in batches[5].items()}
+    state, metrics = step(state, small)
+    assert len(step.compiles) == 2 and float(metrics["loss"]) > 0
+    state, _ = step(state, batches[5])  # back to the first shape: its executable, no compile
+    assert len(step.compiles) == 2
+
+
 def test_traced_donates_the_state_buffers(digits):
     model = build_model("mlp", digits.input_shape, digits.num_classes, features=(16,))
     tx = make_optimizer("adam", 1e-3)

@@ -2,10 +2,12 @@
 
 import dataclasses
 import json
+import re
 
+import jax
 import pytest
 
-from graphduo import Config, TrainingDiverged, train_and_evaluate
+from graphduo import Config, TrainingDiverged, train, train_and_evaluate
 
 SUMMARY_KEYS = {"model", "mode", "dataset", "steps", "final_loss", "test_accuracy", "step_time_ms",
                 "compile_time_s"}
@@ -55,3 +57,35 @@ def test_non_finite_loss_stops_with_the_step_number(tmp_path):
     config = Config(model="mlp", optimizer="sgd", lr=1e6, steps=50, run_dir=str(tmp_path / "r"))
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step \d+: lower --lr"):
         train_and_evaluate(config, progress=False)
+
+
+def test_the_reported_non_finite_step_is_the_first(tmp_path):
+    # Metrics come back in groups (train.METRICS_EVERY): the step named must still be the first bad
+    # one. The same run stopped one step earlier must finish (deterministic: same seed, same batches).
+    config = Config(model="mlp", optimizer="sgd", lr=1e6, steps=50, run_dir=str(tmp_path / "r"))
+    with pytest.raises(TrainingDiverged) as err:
+        train_and_evaluate(config, progress=False)
+    bad = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    assert bad > 1
+    shorter = dataclasses.replace(config, steps=bad - 1, run_dir=str(tmp_path / "s"))
+    assert train_and_evaluate(shorter, progress=False)["steps"] == bad - 1
+
+
+def test_metrics_are_read_back_in_groups_not_every_step(tmp_path, monkeypatch):
+    # Reading each step's metrics at once made Python wait on every step (the device idled between
+    # steps: on a GPU most of the loop's throughput). Count the loop's reads of step metrics.
+    reads = []
+    device_get = jax.device_get
+
+    def counting(tree):
+        if isinstance(tree, list) and tree and isinstance(tree[0], dict) and "loss" in tree[0]:
+            reads.append(len(tree))
+        return device_get(tree)
+
+    monkeypatch.setattr(jax, "device_get", counting)
+    config = Config(model="mlp", mlp_features=(32,), optimizer="sgd", lr=0.05, steps=60, run_dir=str(tmp_path / "r"))
+    summary = train_and_evaluate(config, progress=False, log_every=20)
+    assert sum(reads) == 60  # every step's metrics read once
+    # 44 steps an epoch: groups of METRICS_EVERY, the rest at each epoch's end.
+    assert reads == [10, 10, 10, 10, 4, 10, 6]
+    assert train.METRICS_EVERY == 10 and summary["steps"] == 60
