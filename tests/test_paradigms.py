@@ -123,6 +123,24 @@ def test_traced_repeat_calls_skip_the_signature_but_not_the_check(digits, monkey
     assert len(step.compiles) == 2
 
 
+def test_traced_keeps_weak_types_apart_by_signature(monkeypatch):
+    # The executable's own check ignores weak types, so a step called with a Python scalar is looked
+    # up by signature on every call: 2.0 stays weak (bfloat16 result), float32(2.0) is compiled apart.
+    from graphduo import traced
+
+    step = TracedStep(lambda x, s: x * s)
+    x = jnp.ones(3, jnp.bfloat16)
+    assert step(x, 2.0).dtype == jnp.bfloat16
+    signatures = []
+    real = traced.signature
+    monkeypatch.setattr(traced, "signature", lambda args: signatures.append(1) or real(args))
+    assert step(x, 3.0).dtype == jnp.bfloat16 and len(signatures) == 1
+    assert step(x, jnp.float32(2.0)).dtype == jnp.float32 and len(step.compiles) == 2
+    # Documented limit of the fast path (TracedStep.__call__): right after a call with strong arrays,
+    # a Python scalar is taken as an array of the last call's dtype, as jnp.float32(2.0) would be.
+    assert step(x, 2.0).dtype == jnp.float32 and len(step.compiles) == 2
+
+
 def test_traced_donates_the_state_buffers(digits):
     model = build_model("mlp", digits.input_shape, digits.num_classes, features=(16,))
     tx = make_optimizer("adam", 1e-3)

@@ -89,3 +89,15 @@ def test_metrics_are_read_back_in_groups_not_every_step(tmp_path, monkeypatch):
     # 44 steps an epoch: groups of METRICS_EVERY, the rest at each epoch's end.
     assert reads == [10, 10, 10, 10, 4, 10, 6]
     assert train.METRICS_EVERY == 10 and summary["steps"] == 60
+
+
+def test_no_checkpoint_is_saved_after_the_loss_went_bad(tmp_path):
+    # Metrics are read in groups, but always before a checkpoint: a state whose loss was already NaN
+    # must never be saved (and must not push the last good checkpoint out of the kept ones).
+    config = Config(model="mlp", optimizer="sgd", lr=1e6, steps=50, checkpoint_every=2, keep=3,
+                    run_dir=str(tmp_path / "r"))
+    with pytest.raises(TrainingDiverged) as err:
+        train_and_evaluate(config, progress=False)
+    bad = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    saved = sorted(int(p.name) for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < bad, (saved, bad)

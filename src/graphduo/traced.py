@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 MODE = "traced"
 log = logging.getLogger(__name__)
@@ -105,8 +106,11 @@ class TracedStep:
         if self._last is not None:
             # The common case, a call like the last: no signature to compute (flattening the whole
             # train state costs ~10 us a call, a few percent of a GPU step). The executable checks
-            # its arguments' types itself before it runs (nothing donated yet) and raises
-            # TypeError on a mismatch: then look the signature up.
+            # its arguments' tree, shapes and dtypes itself before it runs (nothing donated yet)
+            # and raises TypeError on a mismatch: then look the signature up. It does not check
+            # weak types, so this path is kept for executables whose arguments were all strongly
+            # typed arrays (graphduo's steps: a train state and a batch); a Python scalar where
+            # the last call had an array is then taken as an array of that dtype.
             try:
                 return self._last(*args)
             except TypeError:
@@ -115,7 +119,7 @@ class TracedStep:
         executable = self._executables.get(sig)
         if executable is None:
             executable = self.stages(*args).compiled
-        self._last = executable
+        self._last = executable if _strong_arrays(args) else None
         return executable(*args)
 
     def stages(self, *args) -> Stages:
@@ -157,6 +161,12 @@ class TracedStep:
         shapes = [s for s in record.signature[1:]]
         log.warning("%s compiled again (compile #%d, %.2f s) for a new input signature: %s",
                     self.name, len(self.compiles), record.total_s, _describe(shapes))
+
+
+def _strong_arrays(args) -> bool:
+    """Every leaf of ``args`` an array with a strong dtype (no Python scalars, no weak types)."""
+    return all(isinstance(x, (jax.Array, np.ndarray)) and not getattr(x, "weak_type", False)
+               for x in jax.tree.leaves(args))
 
 
 def _describe(shapes) -> str:

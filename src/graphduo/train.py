@@ -1,8 +1,9 @@
 """The training loop, shared by both paradigms: ``train_and_evaluate(config)``.
 
-The loop is written so that Python never holds the device back: batches are put on the device
-ahead of use, and step N-1's metrics are pulled to the host only after step N has been
-dispatched (at most two steps in flight, no per-step stall).
+The loop is written so that Python seldom holds the device back: batches are put on the device
+ahead of use, and step metrics are pulled to the host in groups of ``METRICS_EVERY`` steps (up to
+that many steps in flight), and always before a checkpoint is saved, so a saved state never
+follows an unchecked loss.
 """
 
 from __future__ import annotations
@@ -364,6 +365,7 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
                     if len(pending) >= METRICS_EVERY:
                         consume_pending()
                     if config.checkpoint_every and step % config.checkpoint_every == 0:
+                        consume_pending()  # a NaN must stop the run before it is saved
                         save(step)
                     if stop.agreed(step):
                         consume_pending()
