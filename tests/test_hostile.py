@@ -13,7 +13,7 @@ import tempfile
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from graphduo import build_model, load_dataset
@@ -21,8 +21,12 @@ from graphduo.cli import main
 from graphduo.data import DataError
 from test_data import make_idx_arrays, write_idx_files
 
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-SLOW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run (a suite that passes must pass again; found when a
+# random example, b"P" below, failed one run and not the next), database=None: no state between runs.
+FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+SLOW = settings(max_examples=12, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _one_line(err: Exception) -> None:
@@ -63,6 +67,7 @@ def test_truncated_or_corrupted_idx_headers(cut, flip, value):
 @FAST
 @given(obj=st.one_of(st.binary(max_size=500), st.dictionaries(st.binary(max_size=8), st.integers(), max_size=3),
                      st.lists(st.integers(), max_size=5)))
+@example(obj=b"P")  # pickle's own message for it spans two lines
 def test_malformed_cifar_batches(obj):
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp) / "cifar10" / "cifar-10-batches-py"

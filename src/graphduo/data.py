@@ -536,7 +536,7 @@ def _read_cifar_batch(path: pathlib.Path):
             batch = _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as err:  # A corrupt pickle can fail in many ways.
         raise DataError(
-            f"{path} is not a valid CIFAR-10 batch ({type(err).__name__}: {err}); "
+            f"{path} is not a valid CIFAR-10 batch ({type(err).__name__}: {' '.join(str(err).split())}); "
             "delete it and re-download it"
         ) from err
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
