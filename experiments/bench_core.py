@@ -470,7 +470,7 @@ def write_summary(path: pathlib.Path, rows, results, env, command: str, wall_s: 
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s, {args.rounds} interleaved rounds per workload.  ",
         f"Machine: {timing.describe_machine(env)}.  ",
-        f"Machine speed (jitted 2048x2048 float32 matmul): {env['matmul_gflops_start']:.0f} GFLOP/s at the "
+        f"Machine speed (jitted {env.get('matmul_n', 2048)}x{env.get('matmul_n', 2048)} float32 matmul): {env['matmul_gflops_start']:.0f} GFLOP/s at the "
         f"start, {env['matmul_gflops_end']:.0f} GFLOP/s at the end.",
         "",
         markdown_table(rows),
@@ -535,6 +535,7 @@ def main(argv=None) -> None:
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()
+    env["matmul_n"] = timing.peak_matmul_size()
     env["matmul_gflops_start"] = matmul_gflops()
     print(f"bench_core on {env['cpu']} ({env['cpu_count']} cores), jax {env['jax']} {env['backend']}, "
           f"matmul {env['matmul_gflops_start']:.0f} GFLOP/s", file=sys.stderr)

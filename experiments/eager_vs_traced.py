@@ -333,7 +333,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.budget = args.budget or (0.15 if quick else 0.6)
     args.min_steps = args.min_steps or 3
     args.max_steps = args.max_steps or (10 if quick else 40)
-    args.matmul_n = 1024 if quick else 2048
     if args.min_steps > args.max_steps:
         parser.error(f"--min-steps {args.min_steps} is more than --max-steps {args.max_steps}")
     if args.replot and not (args.out / "results.json").is_file():
@@ -362,6 +361,7 @@ def main(argv=None) -> None:
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()
+    args.matmul_n = timing.peak_matmul_size() // (2 if args.quick else 1)
     env["matmul_peak_flops_start"] = timing.matmul_peak_flops(args.matmul_n, repeats=5 if args.quick else 10)
     print(f"eager_vs_traced on {env['cpu']} ({env['cpu_count']} cores), jax {env['jax']} {env['backend']}, "
           f"peak {env['matmul_peak_flops_start'] / 1e9:.1f} GFLOP/s", file=sys.stderr)

@@ -18,10 +18,13 @@ steps of every variant on the same five batches and requires the same losses.
 
 How: every step goes through ``graphduo.timing.time_steps`` (first step apart, untimed warm-up, each
 step run to completion, median and p10/p90); torch steps are adapted to its ``step(state, batch)``
-form (CPU torch is synchronous, so a step has finished when it returns). The machine is noisy, so
+form (CPU torch is synchronous, so a step has finished when it returns; on CUDA the step ends
+with ``torch.cuda.synchronize()``). The machine is noisy, so
 the variants are interleaved over several rounds; a variant's figure is the median over rounds of
 its per-round median, p10-p90 is over every timed step, and a ratio is the median of per-round
-ratios. torch runs with ``torch.set_num_threads(os.cpu_count())``.
+ratios. torch runs with ``torch.set_num_threads(os.cpu_count())``, on the hardware JAX runs on: CUDA when
+JAX's backend is a GPU, with both sides' float32 matmuls and convolutions in TF32 (JAX's default
+there), else the CPU.
 
 Also: the traced step's achieved FLOP/s (XLA ``cost_analysis()["flops"]`` / median step time) against
 ``graphduo.timing.matmul_peak_flops()``, and, at batch 32, where graphduo's eager step spends its time
@@ -83,6 +86,12 @@ CHECK_STEPS = 5
 # ~1e-2 per-step change of the loss itself, so 1e-3 relative separates "same computation" from a
 # wrong weight layout or optimizer (which give differences of 1e-1 or more from the first step).
 LOSS_RTOL = 1e-3
+# On an NVIDIA GPU both sides multiply float32 matrices in TF32 (JAX's default there; torch is set to
+# match, see ``torch_device``): 10 mantissa bits, a relative error of ~3e-4 per product (measured on
+# an H100: 2.9e-4 for a 1024-square product against float64, float32 proper 3e-7), 1000x float32's.
+# The step-0 difference grows by the same factor, so the five-step loss differences that are
+# ~1e-5..1e-4 in float32 become ~1e-3: 1e-2 still sits well under a layout or optimizer bug's 1e-1.
+TF32_LOSS_RTOL = 1e-2
 
 
 INSTALL_TORCH = 'from the repository root, pip install -c constraints.txt ".[peers]"'
@@ -108,8 +117,39 @@ def need_torch():
 # --------------------------------------------------------------------------------------------
 
 
-def torch_model(torch, name: str, params) -> Any:
-    """graphduo's MLP or CNN as a ``torch.nn`` module holding a copy of ``params``."""
+def torch_device(torch, backend: str) -> tuple[str, str]:
+    """Where torch runs, beside JAX's ``backend``, and a line saying how its float32 matmuls run.
+
+    The comparison only means something on the same hardware: torch on CUDA when JAX runs on a GPU,
+    else on the CPU. On CUDA, torch is set to TF32 matmuls and convolutions
+    (``torch.set_float32_matmul_precision("high")``; cuDNN's convolutions already default to TF32),
+    which is what JAX's default precision gives float32 matmuls and convolutions on NVIDIA GPUs since
+    Ampere: the same arithmetic on both sides. Raises ``SystemExit(2)`` with one line when JAX runs on
+    a GPU and this torch has no CUDA."""
+    if backend == "cpu":
+        return "cpu", "float32 matmuls in float32 on both sides"
+    if backend != "gpu":
+        print(f"experiments/peers.py: error: JAX runs on {backend}, where peers has no PyTorch counterpart "
+              "(it compares on a CPU or an NVIDIA GPU): run on the CPU with JAX_PLATFORMS=cpu", file=sys.stderr)
+        raise SystemExit(2)
+    if not torch.cuda.is_available():
+        print(f"experiments/peers.py: error: JAX runs on gpu but this PyTorch ({torch.__version__}) has no "
+              "CUDA device, and timing one against the other's CPU compares hardware, not frameworks: install a "
+              "CUDA build of PyTorch, or run on the CPU with JAX_PLATFORMS=cpu", file=sys.stderr)
+        raise SystemExit(2)
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    return "cuda", ("float32 matmuls and convolutions in TF32 on both sides (JAX's default on this GPU; "
+                    "torch.set_float32_matmul_precision('high'), cudnn.allow_tf32)")
+
+
+def loss_rtol(device: str) -> float:
+    """The loss check's relative tolerance for torch on ``device`` (see ``LOSS_RTOL``)."""
+    return LOSS_RTOL if device == "cpu" else TF32_LOSS_RTOL
+
+
+def torch_model(torch, name: str, params, device: str = "cpu") -> Any:
+    """graphduo's MLP or CNN as a ``torch.nn`` module holding a copy of ``params``, on ``device``."""
     nn = torch.nn
 
     def t(a, perm=None):
@@ -144,13 +184,13 @@ def torch_model(torch, name: str, params) -> Any:
             layers.append(linear(params[f"Dense_{i}"]))
             if i < n - 1:
                 layers.append(nn.ReLU())
-        return nn.Sequential(*layers)
+        return nn.Sequential(*layers).to(device)
     layers = []
     n_conv = sum(k.startswith("Conv_") for k in params)
     for i in range(n_conv):  # graphduo pools before ReLU: the same function (both monotone)
         layers += [conv(params[f"Conv_{i}"]), nn.MaxPool2d(2), nn.ReLU()]
     layers += [NHWCFlatten(), linear(params["Dense_0"]), nn.ReLU(), linear(params["Dense_1"])]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers).to(device)
 
 
 class TorchState:
@@ -162,26 +202,32 @@ class TorchState:
         self.opt = torch.optim.Adam(model.parameters(), lr=LR)  # defaults: b1 .9, b2 .999, eps 1e-8
 
 
-def torch_step(torch):
-    """``step(state, batch) -> (state, {"loss"})`` for ``graphduo.timing.time_steps``."""
+def torch_step(torch, device: str = "cpu"):
+    """``step(state, batch) -> (state, {"loss"})`` for ``graphduo.timing.time_steps``.
+
+    On CUDA the step ends with ``torch.cuda.synchronize()``: torch launches its kernels
+    asynchronously, and ``time_steps`` must time the step run to completion, as it does JAX's
+    (``block_until_ready``). CPU torch has finished when the step returns."""
     F = torch.nn.functional
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step(state: TorchState, batch):
         state.opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(state.forward(batch["image"]), batch["label"])
         loss.backward()
         state.opt.step()
+        sync()
         return state, {"loss": loss.detach()}
 
     return step
 
 
-def torch_batch(torch, batch, model_name: str):
-    """A graphduo batch (NHWC numpy) as torch tensors: NCHW for the CNN, flat for the MLP."""
+def torch_batch(torch, batch, model_name: str, device: str = "cpu"):
+    """A graphduo batch (NHWC numpy) as torch tensors on ``device``: NCHW for the CNN, flat for the MLP."""
     x = np.asarray(batch["image"])
     x = x.transpose(0, 3, 1, 2) if model_name == "cnn" else x.reshape(len(x), -1)
-    return {"image": torch.from_numpy(np.ascontiguousarray(x)),
-            "label": torch.from_numpy(np.asarray(batch["label"]).astype(np.int64))}
+    return {"image": torch.from_numpy(np.ascontiguousarray(x)).to(device),
+            "label": torch.from_numpy(np.asarray(batch["label"]).astype(np.int64)).to(device)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +248,7 @@ def copy_tree(tree):
     return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
 
 
-def make_variants(torch, model_name: str, batch_size: int, seed: int = 0):
+def make_variants(torch, model_name: str, batch_size: int, seed: int = 0, device: str = "cpu"):
     model = build_model(model_name, INPUT_SHAPE, NUM_CLASSES)
     params0 = model.init(jax.random.key(0))
     tx = make_optimizer("adam", LR)
@@ -211,7 +257,7 @@ def make_variants(torch, model_name: str, batch_size: int, seed: int = 0):
                    "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)}
                   for _ in range(CHECK_STEPS + 1)]
     jax_batches = [jax.device_put(b) for b in np_batches]
-    torch_batches = [torch_batch(torch, b, model_name) for b in np_batches]
+    torch_batches = [torch_batch(torch, b, model_name, device) for b in np_batches]
     jax.block_until_ready(jax_batches)
 
     def gd_state():
@@ -220,7 +266,7 @@ def make_variants(torch, model_name: str, batch_size: int, seed: int = 0):
 
     def t_state(compiled: bool):
         def fresh():
-            m = torch_model(torch, model_name, params0)
+            m = torch_model(torch, model_name, params0, device)
             if not compiled:
                 return TorchState(torch, m, m)
             torch._dynamo.reset()  # no cached graph (or automatic-dynamic shapes) from another workload
@@ -228,7 +274,7 @@ def make_variants(torch, model_name: str, batch_size: int, seed: int = 0):
         return fresh
 
     train_step = make_train_step(model.apply, tx)
-    tstep = torch_step(torch)
+    tstep = torch_step(torch, device)
     variants = [
         Variant("torch-eager", tstep, t_state(False), torch_batches[-1], torch_batches[:CHECK_STEPS]),
         Variant("torch-compile", tstep, t_state(True), torch_batches[-1], torch_batches[:CHECK_STEPS]),
@@ -239,7 +285,7 @@ def make_variants(torch, model_name: str, batch_size: int, seed: int = 0):
     return model, tx, gd_state, jax_batches[-1], variants
 
 
-def check_losses(variants: list[Variant]):
+def check_losses(variants: list[Variant], rtol: float = LOSS_RTOL):
     """CHECK_STEPS steps of each variant from the same weights on the same batches: the losses agree.
 
     Also returns each variant's state after those steps (timing goes on from there) and the time of
@@ -254,10 +300,10 @@ def check_losses(variants: list[Variant]):
         first_s[v.name] = t.first_s
     ref = losses["graphduo-traced"]
     max_rel = max(abs(a - r) / max(1.0, abs(r)) for name, ls in losses.items() for a, r in zip(ls, ref))
-    ok = max_rel <= LOSS_RTOL
+    ok = max_rel <= rtol
     if not ok:
         print(f"WARNING: losses differ across variants (max rel diff {max_rel:.2e}): {losses}", file=sys.stderr)
-    return {"steps": CHECK_STEPS, "losses": losses, "max_rel_diff": max_rel, "rtol": LOSS_RTOL, "ok": ok}, \
+    return {"steps": CHECK_STEPS, "losses": losses, "max_rel_diff": max_rel, "rtol": rtol, "ok": ok}, \
         states, first_s
 
 
@@ -272,8 +318,8 @@ def steps_for(step_s: float, budget_s: float, lo: int, hi: int) -> int:
 
 def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, Any]:
     label = f"{model_name} b{batch_size}"
-    model, tx, gd_state, gd_batch, variants = make_variants(torch, model_name, batch_size)
-    checks, states, first_s = check_losses(variants)
+    model, tx, gd_state, gd_batch, variants = make_variants(torch, model_name, batch_size, device=args.torch_device)
+    checks, states, first_s = check_losses(variants, loss_rtol(args.torch_device))
     print(f"[{label}] loss check over {CHECK_STEPS} steps: max rel diff {checks['max_rel_diff']:.1e} "
           f"({'ok' if checks['ok'] else 'MISMATCH'})", file=sys.stderr)
 
@@ -305,7 +351,7 @@ def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, A
     res["summary"] = {n: summarize(rs, batch_size) for n, rs in rounds.items()}
     res["ratios"] = ratios(rounds)
     if batch_size == min(args.batch_sizes):
-        res["eager_breakdown"] = eager_breakdown(torch, model, tx, gd_state(), gd_batch,
+        res["eager_breakdown"] = eager_breakdown(torch, args.torch_device, model, tx, gd_state(), gd_batch,
                                                  next(v for v in variants if v.name == "torch-eager"))
     return res
 
@@ -335,10 +381,13 @@ def ratios(rounds) -> dict[str, Any]:
     }
 
 
-def eager_breakdown(torch, model, tx, state, batch, torch_variant: Variant, reps: int = 15) -> dict[str, Any]:
-    """graphduo eager: ops and time by phase (``inspect_eager``); torch eager: its three phases timed."""
+def eager_breakdown(torch, device: str, model, tx, state, batch, torch_variant: Variant,
+                    reps: int = 15) -> dict[str, Any]:
+    """graphduo eager: ops and time by phase (``inspect_eager``); torch eager: its three phases timed
+    (on CUDA each phase run to completion, as graphduo's ops are)."""
     report = inspect_eager(model, tx, state, batch)
     F = torch.nn.functional
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     ts = torch_variant.fresh_state()
     b = torch_variant.batch
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "update+metrics": []}
@@ -346,10 +395,13 @@ def eager_breakdown(torch, model, tx, state, batch, torch_variant: Variant, reps
         ts.opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         loss = F.cross_entropy(ts.forward(b["image"]), b["label"])
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         ts.opt.step()
+        sync()
         t3 = time.perf_counter()
         if i >= 2:
             for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
@@ -466,7 +518,7 @@ def write_summary(path, results, goal_list, env, command, wall_s, args, plot_not
         "# peers: graphduo against PyTorch (eager and torch.compile)", "",
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s; {args.rounds} interleaved round(s) per workload.  ",
-        f"Machine: {timing.describe_machine(env)}; torch {env['torch']} with "
+        f"Machine: {timing.describe_machine(env)}; torch {env['torch']} on {env.get('torch_device', 'cpu')} with "
         f"torch.set_num_threads({env['torch_threads']}) (the machine's core count). The host memory policy is "
         f"the process's: PyTorch's tensors come from the same malloc as XLA's buffers.  ",
         f"Matmul peak (`graphduo.timing.matmul_peak_flops`): {env['matmul_peak_flops_start'] / 1e9:.1f} GFLOP/s at "
@@ -491,7 +543,8 @@ def write_summary(path, results, goal_list, env, command, wall_s, args, plot_not
     text += ["## Same function", "", "Losses after each of the first "
              f"{CHECK_STEPS} steps from the same weights on the same batches, all four variants: " + "; ".join(
                  f"{r['model']} b{r['batch_size']} max relative difference {r['checks']['max_rel_diff']:.1e} "
-                 f"({'within' if r['checks']['ok'] else 'OUTSIDE'} {LOSS_RTOL:g})" for r in results) + ".", ""]
+                 f"({'within' if r['checks']['ok'] else 'OUTSIDE'} {r['checks']['rtol']:g})" for r in results)
+             + f". Arithmetic: {env.get('torch_precision', 'float32 on both sides')}.", ""]
     mismatch = loss_mismatch(results)
     if mismatch:
         text += [f"**Loss check failed**: {mismatch}. The run exited with status 1.", ""]
@@ -570,7 +623,7 @@ def loss_mismatch(results) -> str | None:
     if not bad:
         return None
     return ("the variants' losses differ beyond the relative tolerance "
-            f"{LOSS_RTOL:g} after {CHECK_STEPS} steps from the same weights: "
+            f"{bad[0]['checks']['rtol']:g} after {CHECK_STEPS} steps from the same weights: "
             + ", ".join(f"{r['model']} b{r['batch_size']} (max {r['checks']['max_rel_diff']:.1e})" for r in bad)
             + "; the timings compare different computations")
 
@@ -609,10 +662,12 @@ def main(argv=None) -> None:
     command = timing.command_line(argv)
     t_start = time.perf_counter()
     env = timing.environment()
-    env.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    args.torch_device, precision = torch_device(torch, env["backend"])
+    env.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), torch_device=args.torch_device,
+               torch_precision=precision)
     env["matmul_peak_flops_start"] = timing.matmul_peak_flops()
-    print(f"peers on {env['cpu']} ({env['cpu_count']} cores), jax {env['jax']}, torch {env['torch']} "
-          f"({env['torch_threads']} threads), matmul {env['matmul_peak_flops_start'] / 1e9:.0f} GFLOP/s",
+    print(f"peers on {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}, jax {env['jax']}, torch "
+          f"{env['torch']} on {args.torch_device} ({env['torch_threads']} threads), matmul {env['matmul_peak_flops_start'] / 1e9:.0f} GFLOP/s",
           file=sys.stderr)
     results = [bench_workload(torch, m, b, args) for m in args.models for b in args.batch_sizes]
     env["matmul_peak_flops_end"] = timing.matmul_peak_flops()

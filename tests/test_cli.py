@@ -74,6 +74,28 @@ def test_compare_json(capsys):
     assert err == ""
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_compare_fails_when_the_modes_compute_different_steps(backend, capsys, monkeypatch):
+    # Negative control for compare's equivalence check, at the CPU's tolerance and at the looser one
+    # for TF32 accelerators: traced mode trains with twice the learning rate, and the check must say so.
+    from graphduo import compare as compare_module
+    from graphduo.step import make_optimizer
+    from graphduo.train import wrap_steps
+
+    def skewed(mode, model, tx):
+        return wrap_steps(mode, model, make_optimizer("sgd", 0.1) if mode == "traced" else tx)
+
+    monkeypatch.setattr(compare_module, "wrap_steps", skewed)
+    real_rtol = compare_module.loss_rtol
+    monkeypatch.setattr(compare_module, "loss_rtol", lambda _: real_rtol(backend))
+    code, out, err = run(capsys, "compare", "--model", "mlp", "--optimizer", "sgd", "--lr", "0.05",
+                         "--steps", "40", "--quiet")
+    assert code == 1, out
+    assert f"same loss (rtol {real_rtol(backend):g}): NO" in out
+    assert err.startswith("graphduo compare: error: eager and traced ended at different losses")
+    assert real_rtol("cpu") == 1e-3 and real_rtol("gpu") == 1e-2
+
+
 BAD_INPUTS = [
     pytest.param(["--model", "resnet"], "invalid choice: 'resnet' (choose from 'mlp', 'cnn')", id="model"),
     pytest.param(["--dataset", "imagenet"], "invalid choice: 'imagenet'", id="dataset"),

@@ -206,3 +206,29 @@ def test_plot_from_recorded_results(name, png, tmp_path):
         return
     assert written == png
     assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peers_runs_torch_where_jax_runs_and_matches_its_precision(capsys):
+    # On a GPU, torch must run on CUDA in TF32 (JAX's default there), or the script must refuse in
+    # one line; timing JAX's GPU against torch's CPU would compare hardware, not frameworks.
+    import types
+
+    peers = _load("peers")
+    settings = []
+    fake = types.SimpleNamespace(
+        __version__="2.x", cuda=types.SimpleNamespace(is_available=lambda: False),
+        set_float32_matmul_precision=settings.append,
+        backends=types.SimpleNamespace(cudnn=types.SimpleNamespace(allow_tf32=False)))
+    assert peers.torch_device(fake, "cpu")[0] == "cpu" and settings == []
+    with pytest.raises(SystemExit) as exit_info:
+        peers.torch_device(fake, "gpu")
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("experiments/peers.py: error: JAX runs on gpu but this PyTorch") and "CUDA" in line
+    with pytest.raises(SystemExit):  # a TPU: no PyTorch counterpart, even with CUDA present
+        peers.torch_device(types.SimpleNamespace(**{**vars(fake), "cuda": types.SimpleNamespace(is_available=lambda: True)}), "tpu")
+    assert "JAX runs on tpu" in capsys.readouterr().err
+    fake.cuda.is_available = lambda: True
+    device, note = peers.torch_device(fake, "gpu")
+    assert device == "cuda" and settings == ["high"] and fake.backends.cudnn.allow_tf32 and "TF32" in note
+    assert peers.loss_rtol("cpu") == peers.LOSS_RTOL == 1e-3 and peers.loss_rtol("cuda") == peers.TF32_LOSS_RTOL

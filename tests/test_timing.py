@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 from graphduo import runtime
-from graphduo.timing import StepTimes, break_even_steps, environment, time_steps, writable_folder
+from graphduo.timing import (StepTimes, break_even_steps, describe_machine, environment, time_steps,
+                             writable_folder)
 
 
 @pytest.mark.parametrize("eager,traced,expected", [
@@ -55,6 +56,16 @@ def test_environment_names_the_machine():
     if runtime.platform.libc_ver()[0] == "glibc" and "as the environment" not in env["host_memory"]:
         assert "kept for reuse" in env["host_memory"]
     assert env["backend"] == "cpu"
+    assert env["convolutions"] == runtime.convolution_note()
+
+
+def test_describe_machine_names_an_accelerator_only_when_there_is_one():
+    # A GPU run's results must say which GPU (the CPU model alone would hide it).
+    env = environment()
+    assert describe_machine(env).startswith(f"{env['cpu']}, {env['cpu_count']} cores; jax ")  # CPU: its model
+    gpu = dict(env, backend="gpu", device_kind="NVIDIA H100 80GB HBM3", cpu_count=16)
+    assert describe_machine(gpu).startswith(f"{env['cpu']}, 16 cores; NVIDIA H100 80GB HBM3; jax ")
+    assert "(gpu)" in describe_machine(gpu)
 
 
 def test_writable_folder_makes_the_folder_or_names_the_problem(tmp_path, monkeypatch):

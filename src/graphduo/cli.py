@@ -213,8 +213,6 @@ def setup_runtime(config: Config) -> None:
     # First: XLA reads its flags once, when the backend starts.
     flags, (_, convolutions, _) = apply_cpu_settings(config.cpu_convolutions, config.host_memory)
     os.environ["XLA_FLAGS"] = flags
-    if config.cpu_convolutions == "onednn" and not onednn_convolutions():  # oneDNN could not load: say why
-        print(f"graphduo: {convolutions}", file=sys.stderr)
     if config.debug_nans:
         jax.config.update("jax_debug_nans", True)
     if config.devices is not None:
@@ -222,8 +220,18 @@ def setup_runtime(config: Config) -> None:
             jax.config.update("jax_num_cpu_devices", config.devices)
         except RuntimeError:
             pass  # backends already started (library use, tests): the devices that exist are used
-    if not config.multi_process:
-        return
+    if config.multi_process:
+        _join_cluster(config)
+    # oneDNN could not load: say why, where it matters (the backend starts here; a GPU's convolutions
+    # are its own library's whatever the CPU setting).
+    if config.cpu_convolutions == "onednn" and not onednn_convolutions() and jax.default_backend() == "cpu":
+        print(f"graphduo: {convolutions}", file=sys.stderr)
+
+
+def _join_cluster(config: Config) -> None:
+    """Join the other processes through ``jax.distributed.initialize``, or fail in one line."""
+    import jax
+
     if config.coordinator is not None:
         where = f"{config.num_processes} processes at {config.coordinator}"
         kwargs = {"coordinator_address": config.coordinator, "num_processes": config.num_processes,

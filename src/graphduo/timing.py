@@ -108,9 +108,20 @@ def break_even_steps(first_eager_s: float, step_eager_s: float,
     return 1 + int(np.ceil((first_traced_s - first_eager_s) / saving))
 
 
-def matmul_peak_flops(n: int = 2048, *, repeats: int = 10) -> float:
-    """This machine's practical compute ceiling: FLOP/s of a jitted n x n float32 matmul (median)."""
+def peak_matmul_size(backend: str | None = None) -> int:
+    """The matmul size ``matmul_peak_flops`` uses by default: one that fills the device. 2048 on a
+    CPU (larger ones run no faster there); 8192 on a GPU or TPU, where a 2048 product takes tens of
+    microseconds and the time of launching it would be measured instead of the arithmetic."""
+    return 2048 if (backend or jax.default_backend()) == "cpu" else 8192
+
+
+def matmul_peak_flops(n: int | None = None, *, repeats: int = 10) -> float:
+    """This machine's practical compute ceiling: FLOP/s of a jitted n x n float32 matmul (median),
+    at JAX's default precision (so on a GPU in the precision the models' float32 matmuls use:
+    TF32 on NVIDIA's since Ampere). ``n``: ``peak_matmul_size()`` unless given."""
     import jax.numpy as jnp
+
+    n = n or peak_matmul_size()
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
@@ -147,7 +158,8 @@ def writable_folder(path: str | os.PathLike, what: str = "--out") -> pathlib.Pat
 
 def describe_machine(env: dict[str, Any]) -> str:
     """One line naming what ``environment()`` recorded, for the summaries results come with."""
-    return (f"{env['cpu']}, {env['cpu_count']} cores; jax {env['jax']} ({env['backend']}), "
+    device = f"; {env['device_kind']}" if env.get("backend", "cpu") != "cpu" else ""
+    return (f"{env['cpu']}, {env['cpu_count']} cores{device}; jax {env['jax']} ({env['backend']}), "
             f"python {env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}; "
             f"{env.get('convolutions', 'convolutions: not recorded')}; "
             f"{env.get('host_memory', 'host memory: not recorded')}")
@@ -169,7 +181,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host_memory": runtime.host_memory_note(),
-        "convolutions": runtime.convolution_note(),
+        "convolutions": (runtime.convolution_note() if jax.default_backend() == "cpu" else
+                         f"convolutions: {device.platform}'s own (the CPU settings do not apply)"),
         "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
