@@ -111,7 +111,8 @@ def break_even_steps(first_eager_s: float, step_eager_s: float,
 def peak_matmul_size(backend: str | None = None) -> int:
     """The matmul size ``matmul_peak_flops`` uses by default: one that fills the device. 2048 on a
     CPU (larger ones run no faster there); 8192 on a GPU or TPU, where a 2048 product takes tens of
-    microseconds and the time of launching it would be measured instead of the arithmetic."""
+    microseconds and its launch weighs as much as its arithmetic (on an H100: 70 TFLOP/s at 2048,
+    362 at 8192, experiments/RESULTS.md section 7)."""
     return 2048 if (backend or jax.default_backend()) == "cpu" else 8192
 
 

@@ -36,9 +36,9 @@ from graphduo.step import create_train_state, make_optimizer
 METRICS_EVERY = 10
 """The loop reads step metrics (loss, accuracy) back from the device in groups of this many steps.
 Reading them every step made Python wait for each step before dispatching the one after next, so
-the device idled between steps: on a GPU, whose steps take a fraction of a millisecond, that cost
-most of the throughput. A NaN loss is still reported with the step that produced it, at most this
-many steps later."""
+a GPU, whose steps take a fraction of a millisecond, idled between steps (experiments/RESULTS.md,
+section 7). A NaN loss is still reported with the step that produced it, at most this many steps
+later, and always before a checkpoint is saved."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -308,7 +308,7 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
     pending: list[tuple[int, Any]] = []  # (step number, metrics still on the device)
 
     def consume_pending() -> None:
-        # One device_get for the whole group: the device ran ahead while Python waited on nothing.
+        # One device_get for the whole group: the device ran these steps while Python dispatched them.
         fetched = jax.device_get([m for _, m in pending])
         for (step_no, _), metrics in zip(pending, fetched):
             consume(step_no, metrics)
