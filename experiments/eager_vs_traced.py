@@ -238,7 +238,7 @@ def write_summary(out: pathlib.Path, rows, analysis, env, command: str, wall_s: 
         "## Reading",
         "",
         *(p + "\n" for p in reading(analysis)),
-        "The machine is shared and noisy (2 cores); steps at large batch, especially eager CNN, are timed "
+        "Timings on a shared machine are noisy; steps at large batch, especially eager CNN, are timed "
         f"only {args.min_steps}+ times, so their medians carry more noise than the small-batch ones.",
         "",
     ]
