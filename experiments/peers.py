@@ -202,6 +202,12 @@ class TorchState:
         self.opt = torch.optim.Adam(model.parameters(), lr=LR)  # defaults: b1 .9, b2 .999, eps 1e-8
 
 
+def torch_sync(torch, device: str) -> Callable[[], None]:
+    """What waits for torch's queued work on ``device``: ``torch.cuda.synchronize`` on CUDA; nothing
+    on the CPU, where an op has finished when it returns."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
 def torch_step(torch, device: str = "cpu"):
     """``step(state, batch) -> (state, {"loss"})`` for ``graphduo.timing.time_steps``.
 
@@ -209,7 +215,7 @@ def torch_step(torch, device: str = "cpu"):
     asynchronously, and ``time_steps`` must time the step run to completion, as it does JAX's
     (``block_until_ready``). CPU torch has finished when the step returns."""
     F = torch.nn.functional
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch_sync(torch, device)
 
     def step(state: TorchState, batch):
         state.opt.zero_grad(set_to_none=True)
@@ -387,7 +393,7 @@ def eager_breakdown(torch, device: str, model, tx, state, batch, torch_variant: 
     (on CUDA each phase run to completion, as graphduo's ops are)."""
     report = inspect_eager(model, tx, state, batch)
     F = torch.nn.functional
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch_sync(torch, device)
     ts = torch_variant.fresh_state()
     b = torch_variant.batch
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "update+metrics": []}

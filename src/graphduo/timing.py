@@ -171,10 +171,11 @@ def environment() -> dict[str, Any]:
     import jaxlib
 
     device = jax.devices()[0]
+    backend = jax.default_backend()
     return {
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
-        "backend": jax.default_backend(),
+        "backend": backend,
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
         "cpu": _cpu_model(),
@@ -182,7 +183,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host_memory": runtime.host_memory_note(),
-        "convolutions": (runtime.convolution_note() if jax.default_backend() == "cpu" else
+        "convolutions": (runtime.convolution_note() if backend == "cpu" else
                          f"convolutions: {device.platform}'s own (the CPU settings do not apply)"),
         "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
