@@ -40,6 +40,7 @@ import functools
 import os
 import sys
 import threading
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -328,7 +329,7 @@ def _shapes(kind: str, a, b, out) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def _run(kind: str, frame: _CallFrame) -> None:
     """One FFI call: ``kind`` is fwd (x, kernel -> y), bwd_data (g, kernel -> dx) or bwd_weights
     (x, g -> dkernel); run on the executor thread, this XLA worker waiting for it."""
-    args, rets = _buffers(frame.args), _buffers(frame.rets)
+    args, rets = frame_buffers(frame)
     if len(args) != 2 or len(rets) != 1 or any(b.dtype != _FFI_F32 for b in (*args, *rets)):
         raise TypeError("graphduo's oneDNN convolutions take two float32 arrays and return one")
     (a, b), (out,) = args, rets
@@ -349,7 +350,15 @@ def _error(frame: _CallFrame, message: str):
     return api.error_create(C.byref(args))
 
 
-def _handler(kind: str):
+def ffi_handler(run: Callable[[_CallFrame], None], what: str):
+    """An XLA:CPU FFI handler (a ``ctypes`` callback) around ``run(frame)``, for ``register_handler``.
+
+    It answers XLA's question about the FFI version it speaks, calls ``run`` with the call frame at
+    the execute stage (``frame_buffers`` reads its operands and results), and turns any exception
+    into an FFI error that XLA raises in the caller (``JaxRuntimeError``) instead of handing on
+    whatever is in the output buffer. ``what`` names the call in that error. graphduo's convolutions
+    are built on it, and so is the matmul ``experiments/mlp_step.py`` measures."""
+
     def handle(frame_pointer):
         frame = frame_pointer.contents
         try:
@@ -360,10 +369,10 @@ def _handler(kind: str):
                 meta.traits, meta.state_type_id = 0, 0
                 return None
             if frame.stage == _FFI_EXECUTE:
-                _run(kind, frame)
+                run(frame)
             return None
         except BaseException as err:  # noqa: BLE001 - reported to XLA, which raises it in the caller
-            message = f"graphduo oneDNN convolution ({kind}) failed: {type(err).__name__}: {err}"
+            message = f"{what} failed: {type(err).__name__}: {err}"
             try:
                 return _error(frame, message)
             except BaseException:  # returning NULL would tell XLA the garbage in the output is a result
@@ -371,6 +380,23 @@ def _handler(kind: str):
                 os.abort()
 
     return _HANDLER(handle)
+
+
+def frame_buffers(frame: _CallFrame) -> tuple[list[_Buffer], list[_Buffer]]:
+    """The operands and results of one FFI call: buffers with ``dtype``, ``data`` (an address),
+    ``rank`` and ``dims``."""
+    return _buffers(frame.args), _buffers(frame.rets)
+
+
+def register_handler(target: str, handler) -> None:
+    """Register ``handler`` (from ``ffi_handler``) as the CPU FFI target ``target``. XLA keeps only
+    its address: the caller keeps ``handler`` alive for as long as the target can be called."""
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(C.cast(handler, C.c_void_p).value), platform="cpu")
+
+
+def library() -> C.CDLL:
+    """libdnnl, loaded once per process (``OneDNNUnavailable`` if it cannot be)."""
+    return _dnnl().lib
 
 
 _HANDLERS: dict[str, Any] = {}
@@ -387,9 +413,11 @@ def register() -> None:
             return
         _dnnl()
         _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="graphduo-onednn")
-        handlers = {target: _handler(target.rsplit("_conv_", 1)[1]) for target in TARGETS}
+        kinds = {target: target.rsplit("_conv_", 1)[1] for target in TARGETS}
+        handlers = {target: ffi_handler(functools.partial(_run, kind), f"graphduo oneDNN convolution ({kind})")
+                    for target, kind in kinds.items()}
         for target, handler in handlers.items():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(C.cast(handler, C.c_void_p).value), platform="cpu")
+            register_handler(target, handler)
         _HANDLERS.update(handlers)  # kept alive: XLA holds only their addresses
 
 
