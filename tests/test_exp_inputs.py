@@ -186,6 +186,23 @@ def test_peers_loss_mismatch_exits_1_after_writing_results(agree, tmp_path, caps
         assert "Loss check failed" in summary and "OUTSIDE" in summary
 
 
+def test_peers_fraction_of_peak_pairs_each_round_with_its_own_ceiling():
+    # The machine's speed drifts: round 2 runs everything at half speed, the step and the ceiling alike.
+    peers = _load("peers")
+    rounds = [{"median_ms": 10.0}, {"median_ms": 20.0}, {"median_ms": 10.0}]
+    peaks = [200e9, 100e9, 200e9]
+    frac = peers.peak_fraction(1e9, rounds, peaks)
+    assert frac["per_round"] == [0.5, 0.5, 0.5] and frac["median"] == frac["min"] == frac["max"] == 0.5
+    # Negative control: the same figures paired with the wrong rounds' ceilings no longer cancel the drift.
+    assert peers.peak_fraction(1e9, rounds, peaks[::-1][1:] + peaks[:1])["per_round"] != frac["per_round"]
+    workload = {"model": "mlp", "batch_size": 256, "traced_peak_fraction": frac, "matmul_peak_flops_per_round": peaks,
+                "ratios": {"traced_speedup_vs_torch_compile": {"median": 1.6}}}
+    speed, fraction, cnn = peers.goals([workload])
+    assert speed["met"] is True and fraction["value"] == 0.5 and fraction["met"] is False
+    assert fraction["reading"].startswith("50.0% of the matmul peak measured in the same round") and "100-200" in fraction["reading"]
+    assert cnn["met"] is None and "not measured" in cnn["reading"]
+
+
 def test_peers_install_hint_uses_the_constraints_file():
     peers = _load("peers")
     text = (EXPERIMENTS / "peers.py").read_text()
