@@ -3,8 +3,9 @@
 A bad argument must stop a script within seconds with argparse's usage and one ``error:`` line naming
 the bad value (exit status 2): no traceback, nothing written, nothing measured. Also: ``--help``
 states each default once and shows the docstring's examples; the default ``--out`` lies next to the
-script; peers.py exits with status 1 when its variants' losses disagree; cnn_step.py and
-bench_core.py plot their recorded results.
+script; peers.py exits with status 1 when its variants' losses disagree and pairs each round's
+fraction of peak with that round's ceiling; cnn_step.py, bench_core.py and mlp_step.py plot their
+recorded results.
 """
 
 import argparse
@@ -22,7 +23,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 SCRIPTS = ("bench_core", "cnn_step", "compile_cost", "data_parallel", "dynamic_control_flow",
-           "eager_vs_traced", "memory", "peers")
+           "eager_vs_traced", "memory", "mlp_step", "peers")
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -118,6 +119,7 @@ BAD = {
     "dynamic_control_flow": (None, "afile"),  # --out is a file
     "eager_vs_traced": (["--models", "resnet"], "unknown model 'resnet'"),
     "memory": (["--batch-sizes", "-1"], "'-1'"),
+    "mlp_step": (["--omp-wait-policy", "lazy"], "invalid choice: 'lazy'"),
     "peers": (["--rounds", "0"], "got '0'"),
 }
 
@@ -210,10 +212,11 @@ def test_peers_install_hint_uses_the_constraints_file():
     assert "graphduo[peers]" not in text
 
 
-# --- cnn_step.py and bench_core.py plot their results dicts. ----------------------------------
+# --- cnn_step.py, bench_core.py and mlp_step.py plot their results dicts. ----------------------------------
 
 
-@pytest.mark.parametrize("name, png", [("cnn_step", "step_time.png"), ("bench_core", "ratios.png")])
+@pytest.mark.parametrize("name, png", [("cnn_step", "step_time.png"), ("bench_core", "ratios.png"),
+                                       ("mlp_step", "step_time.png")])
 def test_plot_from_recorded_results(name, png, tmp_path):
     module = _load(name)
     result = json.loads((EXPERIMENTS / "results" / name / "results.json").read_text())
