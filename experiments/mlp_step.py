@@ -5,16 +5,21 @@ It times graphduo's traced Adam training step of the default MLP (784-512-512-10
 10 classes) as shipped against variants that compute the same function, all in one process, from
 the same weights on the same batch, interleaved over rounds:
 
-* ``shipped``:         ``TracedStep(make_train_step(mlp_apply, adam))``, as graphduo runs it.
+* ``shipped``:         ``TracedStep(make_train_step(mlp_apply, adam))``, as graphduo runs it: its
+                       matmuls are ``models.matmul``, whose weight gradient XLA:CPU gives to YNNPACK.
 * ``flax``:            the same step around Flax's ``module.apply``.
 * ``eigen-dots``:      every dot on Eigen (jaxlib 0.10's XLA gives YNNPACK the dots that contract the
-                       left operand's last axis, Eigen the rest).
+                       left operand's last axis, Eigen the rest; the shipped step has no other kind).
 * ``xnnpack-dots``:    every dot on XNNPACK.
 * ``onednn-dots``:     every dot on XLA's own oneDNN fusions (``xla_cpu_use_onednn``).
 * ``no-param-copies``: XLA's copy insertion with region analysis, which drops the copies it makes of
                        three parameters before it updates them in place.
 * ``one-hot-loss``:    the cross-entropy against one-hot labels (no gather forward, no scatter
                        backward; the same values for finite logits).
+* ``eigen-weight-gradients``: each weight gradient as ``jax.grad`` writes it, a dot contracting the
+                       batch axis, which XLA:CPU runs on Eigen: graphduo's step before
+                       ``models.matmul`` (each weight gradient a YNNPACK dot of an explicit copy of
+                       the layer's input transposed), and Flax's.
 * ``onednn-sgemm``:    every matmul of the dense layers (forward, input and weight gradients) a call
                        of oneDNN's ``dnnl_sgemm`` through graphduo's FFI plumbing
                        (``graphduo.onednn.ffi_handler``), the way the CNN's convolutions reach oneDNN:
@@ -28,8 +33,14 @@ ceiling (``graphduo.timing.matmul_peak_flops``) is measured; a variant's fractio
 median over rounds of its FLOP rate over that round's ceiling (FLOPs: XLA's cost analysis of the
 shipped step, which every full variant computes; of its own step for ``gradient-only``). Each of
 the step's eight matmuls is also timed alone, as XLA compiles it (20 calls dispatched back to
-back, so each carries a share of JAX's dispatch) and as a direct ``dnnl_sgemm`` call (ctypes, the
-GIL released): the kernels' own rates beside the step's.
+back, so each carries a share of JAX's dispatch; a weight gradient both as shipped and as
+``jax.grad``'s batch-contracting dot) and as a direct ``dnnl_sgemm`` call (ctypes, the GIL
+released): the kernels' own rates beside the step's. And Adam's update alone (the step's
+``tx.update`` and ``optax.apply_updates`` on its gradients, 20 calls back to back), which with each
+matmul at the fastest of its kernels estimates how fast a step that runs these kernels one after
+another can be: its time, and its FLOP rate as a fraction of the ceiling (the rest of the step,
+loss, ReLUs, bias adds and metrics, is left out; each part timed alone pays its own dispatch and
+cache misses, so not a strict bound).
 
 Same function: every variant trains 3 steps from the same weights on the same 3 batches; its losses
 must match shipped's (relative 1e-4: float32 summation order; a wrong formulation is off by far more
@@ -69,6 +80,7 @@ CHECK_STEPS = 3
 LOSS_RTOL = 1e-4
 PEAK_REPEATS = 5
 MATMUL_CALLS = 20
+ADAM_CALLS = 20
 OMP_WAIT_POLICIES = ("passive", "active")
 BASELINE = "shipped"
 REFERENCE = "gradient-only"  # computes less than a full step: no ratio against the goals
@@ -81,7 +93,7 @@ COMPILER_OPTIONS = {
     "no-param-copies": {"xla_cpu_copy_insertion_use_region_analysis": True},
 }
 VARIANTS = ("shipped", "flax", "eigen-dots", "xnnpack-dots", "onednn-dots", "no-param-copies", "one-hot-loss",
-            "onednn-sgemm", REFERENCE)
+            "eigen-weight-gradients", "onednn-sgemm", REFERENCE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +193,7 @@ def one_hot_cross_entropy(logits, labels):
 def step_function(name: str, model, tx):
     """The pure ``step(state, batch) -> (state, metrics)`` of variant ``name``."""
     import jax
+    import jax.numpy as jnp
 
     from graphduo import step as graphduo_step
 
@@ -188,6 +201,8 @@ def step_function(name: str, model, tx):
         return graphduo_step.make_train_step(lambda p, x: model.module.apply({"params": p}, x), tx)
     if name == "onednn-sgemm":
         return graphduo_step.make_train_step(_mlp_apply_with(sgemm_matmul()), tx)
+    if name == "eigen-weight-gradients":
+        return graphduo_step.make_train_step(_mlp_apply_with(jnp.matmul), tx)
     if name == REFERENCE:
         def gradient_only(state, batch):
             def loss(params):
@@ -262,13 +277,41 @@ def matmul_shapes(params, batch_size: int) -> list[dict]:
     return shapes
 
 
+def adam_update(tx):
+    """The shipped step's optimizer update alone, ``update(state, grads) -> state``: ``tx.update`` and
+    ``optax.apply_updates`` as ``graphduo.step.make_train_step`` runs them, state donated."""
+    import jax
+    import optax
+
+    from graphduo.step import TrainState
+
+    def update(state, grads):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state, state.rng)
+
+    return jax.jit(update, donate_argnums=0)
+
+
+def time_adam(update, state, grads, calls: int = ADAM_CALLS):
+    """``(state, ms per call)``: ``calls`` updates dispatched back to back, then one wait (the way the
+    matmuls alone are timed: each call carries a share of JAX's dispatch)."""
+    import jax
+
+    state = jax.block_until_ready(update(state, grads))
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        state = update(state, grads)
+    jax.block_until_ready(state)
+    return state, (time.perf_counter() - t0) / calls * 1e3
+
+
 def time_matmuls(shapes, calls: int = MATMUL_CALLS) -> list[dict]:
     """Each matmul alone: XLA (``calls`` jitted calls back to back, then one wait) and a direct
     ``dnnl_sgemm`` call (timed ``calls`` times in a row); ms per call."""
     import jax
     import numpy as np
 
-    from graphduo import onednn
+    from graphduo import models, onednn
 
     _register_sgemm()
     sgemm = onednn.library().dnnl_sgemm
@@ -278,12 +321,13 @@ def time_matmuls(shapes, calls: int = MATMUL_CALLS) -> list[dict]:
         a = rng.standard_normal(s["a"], dtype=np.float32)
         b = rng.standard_normal(s["b"], dtype=np.float32)
         kind = s["kind"]
-        dot = jax.jit(lambda x, y, kind=kind: (x.T if kind == "tn" else x) @ (y.T if kind == "nt" else y))
         xa, xb = jax.device_put(a), jax.device_put(b)
-        jax.block_until_ready(dot(xa, xb))
-        t0 = time.perf_counter()
-        jax.block_until_ready([dot(xa, xb) for _ in range(calls)])
-        xla_ms = (time.perf_counter() - t0) / calls * 1e3
+        plain = jax.jit(lambda x, y, kind=kind: (x.T if kind == "tn" else x) @ (y.T if kind == "nt" else y))
+        # the shipped step's weight gradient: YNNPACK's dot of an explicit copy of x.T
+        xla_ms = _time_xla(models._weight_gradient if kind == "tn" else plain, xa, xb, calls)
+        row = {"name": s["name"], "xla_ms": xla_ms}
+        if kind == "tn":  # and jax.grad's own dot, contracting the batch axis: Eigen's
+            row["xla_batch_contracting_ms"] = _time_xla(plain, xa, xb, calls)
         ta, tb = _SGEMM_TARGETS[kind]
         m = a.shape[1] if kind == "tn" else a.shape[0]
         k = a.shape[0] if kind == "tn" else a.shape[1]
@@ -295,8 +339,18 @@ def time_matmuls(shapes, calls: int = MATMUL_CALLS) -> list[dict]:
         for _ in range(calls):
             sgemm(*args)
         onednn_ms = (time.perf_counter() - t0) / calls * 1e3
-        out.append({"name": s["name"], "xla_ms": xla_ms, "onednn_sgemm_ms": onednn_ms})
+        out.append({**row, "onednn_sgemm_ms": onednn_ms})
     return out
+
+
+def _time_xla(fn, a, b, calls: int) -> float:
+    """ms per call of a jitted ``fn(a, b)``: ``calls`` calls back to back, then one wait."""
+    import jax
+
+    jax.block_until_ready(fn(a, b))
+    t0 = time.perf_counter()
+    jax.block_until_ready([fn(a, b) for _ in range(calls)])
+    return (time.perf_counter() - t0) / calls * 1e3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +384,9 @@ def measure(args) -> dict:
         states[name], _, t = timing.time_steps(step, states[name], [batches[0]] * 5, warmup=1)
         counts[name] = int(min(300, max(5, round(args.budget / (t.median_ms / 1e3)))))
     shapes = matmul_shapes(states[BASELINE].params, args.batch_size)
+    update = adam_update(tx)
+    adam_state = fresh_state()
+    grads = steps[REFERENCE][0](fresh_state(), batches[0])[1]["grads"]
     rounds = []
     for r in range(args.rounds):
         order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
@@ -341,10 +398,11 @@ def measure(args) -> dict:
             states[name], _, t = timing.time_steps(step, states[name], [batches[0]] * (3 + counts[name]), warmup=2)
             rnd["steps"][name] = {"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms}
         rnd["matmuls"] = time_matmuls(shapes)
+        adam_state, rnd["adam_update_ms"] = time_adam(update, adam_state, grads)
         rounds.append(rnd)
         print(f"[mlp_step] round {r + 1}/{args.rounds}: " + "  ".join(
-            f"{n} {rnd['steps'][n]['median_ms']:.2f}" for n in VARIANTS) + f" ms; matmul "
-            f"{rnd['matmul_peak_flops'] / 1e9:.0f} GFLOP/s", file=sys.stderr)
+            f"{n} {rnd['steps'][n]['median_ms']:.2f}" for n in VARIANTS) + f" ms; Adam alone "
+            f"{rnd['adam_update_ms']:.2f} ms; matmul {rnd['matmul_peak_flops'] / 1e9:.0f} GFLOP/s", file=sys.stderr)
     return {"batch_size": args.batch_size, "flops": {n: f for n, (_, f) in steps.items()}, "checks": checks,
             "timed_steps_per_round": counts, "matmul_shapes": shapes, "rounds": rounds,
             "compiler_options": {n: COMPILER_OPTIONS.get(n, {}) for n in VARIANTS}}
@@ -370,10 +428,30 @@ def analyse(result: dict) -> dict:
         xla = statistics.median(r["matmuls"][i]["xla_ms"] for r in rounds)
         dnnl = statistics.median(r["matmuls"][i]["onednn_sgemm_ms"] for r in rounds)
         matmuls.append({"name": s["name"], "flops": s["flops"], "xla_ms": xla, "onednn_sgemm_ms": dnnl})
+        if "xla_batch_contracting_ms" in rounds[0]["matmuls"][i]:
+            matmuls[-1]["xla_batch_contracting_ms"] = statistics.median(
+                r["matmuls"][i]["xla_batch_contracting_ms"] for r in rounds)
     peaks = [r["matmul_peak_flops"] for r in rounds]
     return {"variants": variants, "matmuls": matmuls, "matmul_peak_flops": [min(peaks), max(peaks)],
             "matmuls_alone_ms": {"xla": sum(m["xla_ms"] for m in matmuls),
-                                 "onednn_sgemm": sum(m["onednn_sgemm_ms"] for m in matmuls)}}
+                                 "onednn_sgemm": sum(m["onednn_sgemm_ms"] for m in matmuls)},
+            "adam_update_ms": statistics.median(r["adam_update_ms"] for r in rounds),
+            "floor": parts_floor(rounds, full_flops)}
+
+
+def parts_floor(rounds: list[dict], flops: float) -> dict:
+    """What the measured parts add up to: each matmul at the fastest of its kernels alone, plus Adam's
+    update alone, per round, and that time's FLOP rate over the round's ceiling. The rest of the step
+    (loss, ReLUs, bias adds, metrics) is left out, but each part timed alone pays its own share of
+    dispatch and its own cache misses: an estimate of the fastest such step, not a strict bound.
+    Median over rounds [smallest-largest]."""
+    ms, fractions = [], []
+    for r in rounds:
+        t = sum(min(v for k, v in m.items() if k.endswith("_ms")) for m in r["matmuls"]) + r["adam_update_ms"]
+        ms.append(t)
+        fractions.append(flops / (t / 1e3) / r["matmul_peak_flops"])
+    return {"ms": statistics.median(ms), "ms_range": [min(ms), max(ms)], "peak_fraction": statistics.median(fractions),
+            "peak_fraction_range": [min(fractions), max(fractions)]}
 
 
 def variant_rows(analysis: dict) -> list[str]:
@@ -390,16 +468,35 @@ def variant_rows(analysis: dict) -> list[str]:
 
 
 def matmul_rows(analysis: dict) -> list[str]:
-    rows = ["| matmul | MFLOP | XLA ms (GFLOP/s) | oneDNN sgemm ms (GFLOP/s) | oneDNN / XLA speed |", "|---|---|---|---|---|"]
+    rows = ["| matmul | MFLOP | XLA ms (GFLOP/s), as shipped | XLA, jax.grad's batch-contracting dot (Eigen) | "
+            "oneDNN sgemm ms (GFLOP/s) | oneDNN / XLA speed |", "|---|---|---|---|---|---|"]
     for m in analysis["matmuls"]:
         rate = lambda ms: m["flops"] / (ms / 1e3) / 1e9  # noqa: E731
+        eigen = m.get("xla_batch_contracting_ms")
         rows.append(f"| {m['name']} | {m['flops'] / 1e6:.1f} | {m['xla_ms']:.3f} ({rate(m['xla_ms']):.0f}) | "
-                    f"{m['onednn_sgemm_ms']:.3f} ({rate(m['onednn_sgemm_ms']):.0f}) | "
+                    + (f"{eigen:.3f} ({rate(eigen):.0f}) | " if eigen else "| ")
+                    + f"{m['onednn_sgemm_ms']:.3f} ({rate(m['onednn_sgemm_ms']):.0f}) | "
                     f"{m['xla_ms'] / m['onednn_sgemm_ms']:.2f}x |")
     alone = analysis["matmuls_alone_ms"]
     rows.append(f"| all {len(analysis['matmuls'])} | {sum(m['flops'] for m in analysis['matmuls']) / 1e6:.1f} | "
-                f"{alone['xla']:.2f} | {alone['onednn_sgemm']:.2f} | {alone['xla'] / alone['onednn_sgemm']:.2f}x |")
+                f"{alone['xla']:.2f} | | {alone['onednn_sgemm']:.2f} | {alone['xla'] / alone['onednn_sgemm']:.2f}x |")
     return rows
+
+
+def floor_lines(result: dict) -> list[str]:
+    analysis = result["analysis"]
+    f, adam, shipped = analysis["floor"], analysis["adam_update_ms"], analysis["variants"][BASELINE]
+    return [f"Adam's update alone (`tx.update` and `optax.apply_updates` on the step's gradients, {ADAM_CALLS} "
+            f"calls back to back): {adam:.2f} ms per call, median over rounds. Each matmul at the fastest of its "
+            f"kernels alone, plus Adam's update: {f['ms']:.2f} ms a step [{f['ms_range'][0]:.2f}-"
+            f"{f['ms_range'][1]:.2f}], {100 * f['peak_fraction']:.1f}% of the round's ceiling "
+            f"[{100 * f['peak_fraction_range'][0]:.1f}-{100 * f['peak_fraction_range'][1]:.1f}] "
+            f"({result['flops'][BASELINE] / 1e6:.1f} MFLOP a step): an estimate of how fast a step that runs "
+            "these kernels one after another, as XLA:CPU runs this one's, can be. The loss, ReLUs, bias adds and "
+            "metrics are left out, but each part timed alone also carries a share of JAX's dispatch (about "
+            "10-20 us a call) and its own cache misses, so it is not a strict bound (shipped: "
+            f"{shipped['median_ms']:.2f} ms, {100 * shipped['peak_fraction']:.1f}%"
+            + ("; faster than its parts alone)." if shipped["median_ms"] < f["ms"] else ").")]
 
 
 def write_plot(out: pathlib.Path, result: dict) -> str | None:
@@ -453,18 +550,23 @@ def write_summary(path: pathlib.Path, result: dict, plot: str | None = None) -> 
         "[smallest-largest]; fraction of peak: median over rounds of the step's FLOP rate over that round's "
         "ceiling.", "",
         "## Its matmuls alone", "", *matmul_rows(analysis), "",
-        f"Median over rounds of ms per call. XLA: one jitted dot per matmul, {MATMUL_CALLS} calls dispatched back "
-        "to back (each carries a share of JAX's dispatch, about 10-20 us); oneDNN: `dnnl_sgemm` called "
-        "directly, with oneDNN's own threads.", "",
+        f"Median over rounds of ms per call. XLA: one jitted function per matmul, {MATMUL_CALLS} calls dispatched "
+        "back to back (each carries a share of JAX's dispatch, about 10-20 us): a dot, or for a weight "
+        "gradient as shipped `models._weight_gradient` (the copy of the input transposed and YNNPACK's dot); "
+        "oneDNN: `dnnl_sgemm` called directly, with oneDNN's own threads.", "",
+        "## What these parts allow", "", *floor_lines(result), "",
         "## Same function", "",
         f"Losses of the first {CHECK_STEPS} steps from the same weights on the same batches ({REFERENCE}: its "
         f"first): max relative difference from shipped {checks['max_rel_diff']:.1e} (tolerance "
         f"{checks['tolerance']:g}): {'ok' if checks['ok'] else 'MISMATCH'}.", "",
         "## Variants", "",
-        "shipped: `TracedStep(make_train_step(models.mlp_apply, adam))`; flax: `module.apply`; eigen-, "
+        "shipped: `TracedStep(make_train_step(models.mlp_apply, adam))`, its matmuls `models.matmul` (each "
+        "weight gradient a YNNPACK dot of an explicit copy of the layer's input transposed); flax: `module.apply`; eigen-, "
         "xnnpack-, onednn-dots and no-param-copies: the shipped step compiled with "
         + "; ".join(f"{n}: `{json.dumps(o)}`" for n, o in COMPILER_OPTIONS.items())
-        + "; one-hot-loss: the cross-entropy against `jax.nn.one_hot` labels; onednn-sgemm: every dense "
+        + "; one-hot-loss: the cross-entropy against `jax.nn.one_hot` labels; eigen-weight-gradients: plain "
+        "`x @ w`, each weight gradient `jax.grad`'s dot contracting the batch axis, which XLA:CPU runs on Eigen "
+        "(graphduo's step before `models.matmul`); onednn-sgemm: every dense "
         "layer's matmul (and both its gradients) an FFI call of oneDNN's `dnnl_sgemm` on XLA's buffers "
         f"(`graphduo.onednn.ffi_handler`); {REFERENCE}: `value_and_grad` of the loss, no update.",
     ]
@@ -524,6 +626,7 @@ def main(argv=None) -> None:
     result["wall_s"] = time.perf_counter() - t0
     print("\n".join(variant_rows(result["analysis"])))
     print("\n".join(matmul_rows(result["analysis"])))
+    print("\n".join(floor_lines(result)))
     checks = result["checks"]
     print(f"loss check: max relative difference {checks['max_rel_diff']:.1e} ({'ok' if checks['ok'] else 'MISMATCH'})")
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -30,7 +30,8 @@ there), else the CPU.
 Also: the traced step's achieved FLOP/s (XLA ``cost_analysis()["flops"]`` / median step time) against
 ``graphduo.timing.matmul_peak_flops()`` measured right before it in the same round (the median over rounds
 of the per-round fraction: the machine's speed drifts between rounds, and a ceiling measured minutes away measures the
-drift), and, at batch 32, where graphduo's eager step spends its time
+drift), PyTorch's rate on the same product measured right after it (``torch_matmul_flops``: how fast each
+framework's GEMM library is on this machine), and, at batch 32, where graphduo's eager step spends its time
 (``graphduo.graphs.inspect_eager``: ops dispatched per step, time by phase) next to torch eager's
 forward / backward / optimizer-step times.
 
@@ -212,6 +213,20 @@ def torch_sync(torch, device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
+def torch_matmul_flops(torch, device: str, n: int, repeats: int = PEAK_REPEATS) -> float:
+    """PyTorch's own matmul rate: FLOP/s of ``torch.mm`` on an n x n float32 pair (median of
+    ``repeats``), ``matmul_peak_flops``'s product on torch's side. Beside JAX's, it says how much of
+    a ratio between the two frameworks is their GEMM libraries on this machine (MKL for torch's CPU
+    build, YNNPACK/Eigen for XLA:CPU's)."""
+    sync = torch_sync(torch, device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device)
+    torch.mm(a, a)
+    sync()
+    times = timing.time_call(lambda: (torch.mm(a, a), sync()), repeats=repeats)
+    return 2 * n**3 / (times.median_ms / 1e3)
+
+
 def torch_step(torch, device: str = "cpu"):
     """``step(state, batch) -> (state, {"loss"})`` for ``graphduo.timing.time_steps``.
 
@@ -340,11 +355,13 @@ def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, A
         states[v.name], _, t = timing.time_steps(v.step, states[v.name], [v.batch] * 5, warmup=1)
         steps[v.name] = steps_for(t.median_ms / 1e3, args.budget, args.min_steps, args.max_steps)
     peaks = []  # the matmul ceiling, measured in every round right before the traced step it is compared with
+    torch_peaks = []  # and torch's rate on the same product, right after it
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else variants[::-1]
         for v in order:
             if v.name == "graphduo-traced":
                 peaks.append(timing.matmul_peak_flops(repeats=PEAK_REPEATS))
+                torch_peaks.append(torch_matmul_flops(torch, args.torch_device, timing.peak_matmul_size()))
             gc.collect()
             faults = timing.minor_page_faults()
             states[v.name], _, t = timing.time_steps(v.step, states[v.name], [v.batch] * (3 + steps[v.name]),
@@ -353,7 +370,7 @@ def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, A
                                    "times_ms": [x * 1e3 for x in t.times_s],
                                    "page_faults_per_step": (timing.minor_page_faults() - faults) / (3 + steps[v.name])})
         print(f"[{label}] round {r + 1}/{args.rounds}: " + "  ".join(
-            f"{n} {rs[-1]['median_ms']:.3g}" for n, rs in rounds.items()) + f" ms; matmul {peaks[-1] / 1e9:.0f} GFLOP/s",
+            f"{n} {rs[-1]['median_ms']:.3g}" for n, rs in rounds.items()) + f" ms; matmul {peaks[-1] / 1e9:.0f} GFLOP/s (torch.mm {torch_peaks[-1] / 1e9:.0f})",
             file=sys.stderr)
 
     traced = next(v for v in variants if v.name == "graphduo-traced")
@@ -365,6 +382,9 @@ def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, A
     res["summary"] = {n: summarize(rs, batch_size) for n, rs in rounds.items()}
     res["ratios"] = ratios(rounds)
     res["matmul_peak_flops_per_round"] = peaks
+    res["torch_matmul_flops_per_round"] = torch_peaks
+    gemm = [t / j for t, j in zip(torch_peaks, peaks)]
+    res["torch_vs_jax_matmul"] = {"median": statistics.median(gemm), "min": min(gemm), "max": max(gemm)}
     res["traced_peak_fraction"] = peak_fraction(cost["flops"], rounds["graphduo-traced"], peaks)
     if batch_size == min(args.batch_sizes):
         res["eager_breakdown"] = eager_breakdown(torch, args.torch_device, model, tx, gd_state(), gd_batch,
@@ -510,12 +530,14 @@ def ratio_rows(results) -> list[tuple[str, ...]]:
         rows.append((res["model"], str(res["batch_size"]), f("traced_speedup_vs_torch_compile"),
                      f("traced_speedup_vs_torch_eager"), f("eager_time_vs_torch_eager"),
                      f"{res['cost']['flops'] / 1e6:.1f}",
-                     f"{achieved / 1e9:.1f} ({100 * frac['median']:.1f}% [{100 * frac['min']:.1f}-{100 * frac['max']:.1f}])"))
+                     f"{achieved / 1e9:.1f} ({100 * frac['median']:.1f}% [{100 * frac['min']:.1f}-{100 * frac['max']:.1f}])",
+                     f"{g['median']:.2f} [{g['min']:.2f}-{g['max']:.2f}]" if (g := res.get("torch_vs_jax_matmul")) else ""))
     return rows
 
 
 RATIO_HEADER = ("model", "batch", "traced speedup vs torch.compile", "traced speedup vs torch eager",
-                "graphduo eager time / torch eager time", "traced MFLOP/step", "traced GFLOP/s (of the round's peak)")
+                "graphduo eager time / torch eager time", "traced MFLOP/step", "traced GFLOP/s (of the round's peak)",
+                "torch.mm / jax matmul rate")
 
 
 def breakdown_text(results) -> list[str]:
@@ -565,7 +587,10 @@ def write_summary(path, results, goal_list, env, command, wall_s, args, plot_not
         "## Ratios", "", markdown_table(RATIO_HEADER, ratio_rows(results)), "",
         "Each ratio: median of the per-round ratios [smallest-largest]. Achieved FLOP/s: XLA's "
         "`cost_analysis()[\"flops\"]` for one traced step / its median time; its fraction of peak: median "
-        "[smallest-largest] over rounds of the round's FLOP rate over the matmul peak measured in that round.", "",
+        "[smallest-largest] over rounds of the round's FLOP rate over the matmul peak measured in that round. "
+        "torch.mm / jax matmul rate: `torch.mm` on the same square float32 product, timed right after the peak "
+        "in each round, over JAX's rate: below 1, PyTorch's GEMM library runs slower than XLA's on this machine, "
+        "and part of any speedup over PyTorch at large batch is the libraries', not the compiler's.", "",
         "## Goals", "",
     ]
     for g in goal_list:

@@ -61,9 +61,15 @@ def test_quick_run_writes_results_and_checks_losses(tmp_path):
                                            "input gradient 1", "forward 2", "weight gradient 2", "input gradient 2"]
     assert sum(m["flops"] for m in matmuls) == 2 * 32 * (784 * 512 * 2 + 512 * 512 * 3 + 512 * 10 * 3)
     assert all(m["xla_ms"] > 0 and m["onednn_sgemm_ms"] > 0 for m in matmuls)
+    # weight gradients are timed both as shipped and as jax.grad's batch-contracting dot
+    assert [m["name"] for m in matmuls if m.get("xla_batch_contracting_ms", 0) > 0] == [
+        "weight gradient 0", "weight gradient 1", "weight gradient 2"]
+    assert result["analysis"]["adam_update_ms"] > 0 and result["rounds"][0]["adam_update_ms"] > 0
+    assert result["analysis"]["floor"]["ms"] > result["analysis"]["adam_update_ms"]
     summary = (tmp_path / "SUMMARY.md").read_text()
     assert "| shipped |" in summary and "| onednn-sgemm |" in summary and "Machine:" in summary
     assert "## Its matmuls alone" in summary and "OMP_WAIT_POLICY=passive" in summary
+    assert "## What these parts allow" in summary and "Adam's update alone" in summary
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "step_time.png").stat().st_size > 0 and "(step_time.png)" in summary
     else:
@@ -89,7 +95,11 @@ def test_each_variant_compiles_to_what_its_name_says(mlp_step):
     hlo = {name: (step.stages(fresh(), batches[0]).compiled if name == "shipped" else step).as_text()
            for name, (step, _) in steps.items()}
     entry = {name: text.split("ENTRY", 1)[1] for name, text in hlo.items()}
-    assert "__ynn_fusion" in entry["shipped"] and " dot(" in entry["shipped"]  # jaxlib 0.10's split
+    # shipped: every dot on YNNPACK, the weight gradients from transposed copies of the layers' inputs;
+    # jax.grad's own weight gradients contract the batch axis and go to Eigen (jaxlib 0.10's split)
+    assert "__ynn_fusion" in entry["shipped"] and " dot(" not in entry["shipped"]
+    assert entry["eigen-weight-gradients"].count(" dot(") == 3 and "__ynn_fusion" in entry["eigen-weight-gradients"]
+    assert entry["shipped"].count("transpose") > entry["eigen-weight-gradients"].count("transpose")
     for name in ("eigen-dots", "xnnpack-dots"):  # no dot left to YNNPACK
         assert "__ynn_fusion" not in entry[name] and "__onednn" not in entry[name], name
     assert "__onednn_fusion" in entry["onednn-dots"]
@@ -143,3 +153,24 @@ def test_a_call_that_does_not_fit_is_an_error_not_a_result(mlp_step):
     with pytest.raises(Exception, match=r"oneDNN sgemm \(nn\) failed: ValueError: shapes"):
         jax.block_until_ready(bad(a, b))
     np.testing.assert_array_equal(jax.jit(lambda a, b: mlp_step._sgemm("nn", a, b, (4, 2)))(a, b), 3 * np.ones((4, 2)))
+
+
+def test_floor_takes_each_matmuls_faster_kernel_plus_adam_per_round(mlp_step):
+    # Two rounds; the second machine-wide twice as slow (step parts and ceiling alike).
+    rounds = [{"matmuls": [{"xla_ms": 1.0, "onednn_sgemm_ms": 2.0}, {"xla_ms": 3.0, "onednn_sgemm_ms": 1.5}],
+               "adam_update_ms": 0.5, "matmul_peak_flops": 1e9},
+              {"matmuls": [{"xla_ms": 2.0, "onednn_sgemm_ms": 4.0}, {"xla_ms": 6.0, "onednn_sgemm_ms": 3.0}],
+               "adam_update_ms": 1.0, "matmul_peak_flops": 0.5e9}]
+    f = mlp_step.parts_floor(rounds, flops=3e6)
+    assert f["ms_range"] == [3.0, 6.0]  # 1.0 + 1.5 + 0.5, and twice that
+    assert f["peak_fraction_range"] == [1.0, 1.0]  # 3 MFLOP in 3 ms at 1 GFLOP/s; the slow round cancels
+    # Negative control: a floor without Adam reads differently.
+    no_adam = [{**r, "adam_update_ms": 0.0} for r in rounds]
+    assert mlp_step.parts_floor(no_adam, flops=3e6)["ms_range"] == [2.5, 5.0]
+    # ... and when one kernel gets faster, the floor follows it.
+    faster = [{**r, "matmuls": [{"xla_ms": 0.5, "onednn_sgemm_ms": 2.0}, r["matmuls"][1]]} for r in rounds[:1]]
+    assert mlp_step.parts_floor(faster, flops=3e6)["ms"] == 2.5
+    # ... including a weight gradient's third kernel, jax.grad's own dot, where it is the fastest.
+    third = [{**rounds[0], "matmuls": [{**rounds[0]["matmuls"][0], "xla_batch_contracting_ms": 0.25},
+                                       rounds[0]["matmuls"][1]]}]
+    assert mlp_step.parts_floor(third, flops=3e6)["ms"] == 2.25

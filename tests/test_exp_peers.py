@@ -45,9 +45,14 @@ def test_quick_run_or_clear_install_message(tmp_path):
         assert s["samples_per_s"] > 0 and w["first_step_s"][name] > 0
     assert w["cost"]["flops"] > 0
     assert w["ratios"]["traced_speedup_vs_torch_compile"]["median"] > 0
+    # torch's GEMM rate beside JAX's, round by round, and their ratio in the table
+    assert len(w["torch_matmul_flops_per_round"]) == len(w["matmul_peak_flops_per_round"]) == 1
+    g = w["torch_vs_jax_matmul"]
+    assert g["median"] == w["torch_matmul_flops_per_round"][0] / w["matmul_peak_flops_per_round"][0] > 0
     b = w["eager_breakdown"]
     assert b["graphduo_ops_per_step"] > 10 and {"forward", "backward"} <= set(b["graphduo_by_phase"])
     assert len(results["goals"]) == 3  # not evaluated at batch 32 only, but stated
     summary = (out / "SUMMARY.md").read_text()
     assert "|" in summary and "Goals" in summary and "torch.set_num_threads" in summary
+    assert "torch.mm / jax matmul rate" in summary
     assert results["losses_agree"] and results["loss_mismatch"] is None

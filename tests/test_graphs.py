@@ -28,8 +28,10 @@ def test_eager_replays_exactly_the_ops_of_the_recorded_step(mlp_graphs):
 
     jaxpr = jax.make_jaxpr(make_train_step(model.apply, tx))(state, batch)
     assert eager["ops_per_step"] == len(jaxpr.jaxpr.eqns)
-    # SGD on a 2-layer MLP: 2 matmuls forward, 3 backward (no input gradient for the first layer).
-    assert eager["by_primitive"]["dot_general"]["count"] == 5
+    # SGD on a 2-layer MLP: 2 matmuls forward, 3 backward (no input gradient for the first layer), the
+    # weight gradients each one jitted function (models._weight_gradient), one op like the dot it replaces.
+    assert eager["by_primitive"]["dot_general"]["count"] == 3
+    assert [op["phase"] for op in eager["ops"] if op["name"] == "_weight_gradient"] == ["backward"] * 2
     assert {"forward", "backward", "update+metrics"} == set(eager["by_phase"])
     assert all(op["time_us"] > 0 for op in eager["ops"])
 
@@ -97,10 +99,12 @@ def test_the_step_s_kernels_are_counted_by_library(mlp_graphs):
     kernels = [(op, line) for op, line in _entry_opcodes(traced["optimized_hlo"]) if op not in not_kernels]
     assert any(" = (" in line for _, line in kernels)  # a multi-output kernel (argmax and max) is counted
     assert traced["kernels_per_step"] == len(kernels) == sum(by_library.values())
-    # On XLA:CPU: library fusions say so in their backend config; unfused matmuls run on Eigen.
+    # On XLA:CPU: library fusions say so in their backend config; unfused matmuls run on Eigen. The MLP
+    # has none left (models.matmul gives its weight gradients to YNNPACK; the line-level cases above
+    # cover Eigen's dots).
     assert by_library["YNNPACK"] == sum('"kind":"__ynn_fusion"' in line for _, line in kernels) > 0
-    assert by_library["Eigen"] == sum(op in ("dot", "convolution") for op, _ in kernels) > 0
-    assert by_library["XLA codegen"] == len(kernels) - by_library["YNNPACK"] - by_library["Eigen"]
+    assert by_library.get("Eigen", 0) == sum(op in ("dot", "convolution") for op, _ in kernels) == 0
+    assert by_library["XLA codegen"] == len(kernels) - by_library["YNNPACK"]
 
 
 def test_dot_graph_is_well_formed(mlp_graphs):

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from graphduo.models import build_model, conv_same, count_params, max_pool_2x2
-from graphduo.step import cross_entropy
+from graphduo.models import build_model, conv_same, count_params, matmul, max_pool_2x2
+from graphduo.step import create_train_state, cross_entropy, make_optimizer, make_train_step
 
 # float32 matmuls and convolutions summed in a different order differ by a few ulps per output;
 # 1e-5 relative / 1e-5 absolute is ~100 ulps on logits of order 1: rounding, not a different function.
@@ -194,6 +194,54 @@ def test_cnn_gradient_against_float64_finite_differences():
                        for e in basis])
         g = np.asarray(jax.flatten_util.ravel_pytree(grads)[0])
     np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_matmul_and_its_gradients_against_float64():
+    """``models.matmul``'s values and both gradients (asked for together and apart) against NumPy in
+    float64, and only the gradients asked for are computed."""
+    rng = np.random.default_rng(4)
+    x, w, g = (rng.standard_normal(s).astype(np.float32) for s in ((12, 7), (7, 5), (12, 5)))
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+    y, vjp = jax.vjp(jax.jit(matmul), jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    # float32 sums of 5-12 products of unit size: ~1e-6 relative; a transposed or wrong operand is O(1) off
+    np.testing.assert_allclose(y, x64 @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, x64.T @ g64, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError):  # negative control: the tolerance separates a permuted result
+        np.testing.assert_allclose(dw, (x64.T @ g64)[::-1], rtol=1e-5, atol=1e-5)
+    only_w = jax.grad(lambda w: jnp.vdot(matmul(jnp.asarray(x), w), g))(jnp.asarray(w))
+    np.testing.assert_allclose(only_w, x64.T @ g64, rtol=1e-5, atol=1e-5)
+    # the gradient of a data batch is never asked for: no input-gradient dot in the traced program
+    text = str(jax.make_jaxpr(jax.grad(lambda w, x: matmul(x, w).sum()))(jnp.asarray(w), jnp.asarray(x)))
+    assert text.count("dot_general[") == 2  # forward and weight gradient
+    both = str(jax.make_jaxpr(jax.grad(lambda w, x: matmul(x, w).sum(), argnums=(0, 1)))(jnp.asarray(w), jnp.asarray(x)))
+    assert both.count("dot_general[") == 3  # control: the input gradient's dot is there when asked for
+
+
+def test_traced_mlp_weight_gradients_run_on_ynnpack_not_eigen():
+    """The point of ``models.matmul`` (experiments/RESULTS.md, section 8): on XLA:CPU the traced MLP
+    step has no dot left to Eigen. Negative control: ``jax.grad`` of plain ``x @ w`` has one per layer."""
+    model = build_model("mlp", (8, 8, 1), 10, features=(16, 12))
+    tx = make_optimizer("adam", 1e-3)
+    state = create_train_state(model, tx, jax.random.key(0))
+    batch = {"image": jnp.ones((4, 8, 8, 1)), "label": jnp.arange(4) % 10}
+
+    def entry(apply):
+        compiled = jax.jit(make_train_step(apply, tx)).lower(state, batch).compile().as_text()
+        return compiled.split("ENTRY", 1)[1]
+
+    def plain(p, x):
+        x = x.reshape((x.shape[0], -1))
+        for i in range(len(p)):
+            x = x @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
+            x = jnp.maximum(x, 0) if i < len(p) - 1 else x
+        return x
+
+    assert len(state.params) == 3
+    if jax.default_backend() == "cpu":
+        assert " dot(" not in entry(model.apply)
+        assert entry(plain).count(" dot(") == 3
 
 
 def test_cross_entropy_matches_optax():

@@ -242,7 +242,8 @@ def _replay(closed, inputs) -> list[dict[str, Any]]:
         jax.block_until_ready(out)
         elapsed = time.perf_counter() - t0
         env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))
-        ops.append({"op": eqn.primitive.name, "phase": _phase(eqn), "time_us": elapsed * 1e6,
+        ops.append({"op": eqn.primitive.name, "name": eqn.params.get("name"),  # a jitted function's name
+                    "phase": _phase(eqn), "time_us": elapsed * 1e6,
                     "inputs": [list(getattr(a, "shape", ())) for a in args]})
     return ops
 

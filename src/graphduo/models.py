@@ -63,6 +63,46 @@ def _dense(layer, x):
 
 
 @jax.jit
+def _weight_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    """``x.T @ g`` from an explicit copy of ``x.T``: ``lax.optimization_barrier`` keeps XLA from
+    folding the transpose back into the dot, which leaves a dot of the canonical form (left operand
+    contracted on its last axis) that jaxlib 0.10's XLA:CPU gives to YNNPACK. The dot ``jax.grad``
+    writes for a weight gradient contracts the batch axis, the first of both operands, and XLA:CPU
+    runs that one on Eigen: alone, 1.3-1.6x slower than the copy and YNNPACK's dot together for the
+    MLP's second and third layers, about even for its 784-wide first; the whole step about 3% slower
+    (``experiments/mlp_step.py``, variant ``eigen-weight-gradients``; experiments/RESULTS.md section
+    8). One ``jax.jit`` function: in eager mode one dispatched op, as the dot it replaces was."""
+    return jax.lax.optimization_barrier(x.T) @ g
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` for a batch ``x`` (N, K) and a weight ``w`` (K, M), the same values and gradients,
+    with the weight gradient formulated for XLA:CPU (``_weight_gradient``). The input gradient is
+    ``jax.grad``'s own dot, and either gradient is computed only when asked for (``symbolic_zeros``:
+    no input gradient for a batch of data, as with plain ``x @ w``)."""
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    # x and w are CustomVJPPrimal: keep only what the gradients that will be asked for need
+    return x.value @ w.value, (x.value if w.perturbed else None, w.value if x.perturbed else None)
+
+
+def _matmul_bwd(res, g):
+    x, w = res
+    dx = None if w is None else jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())))
+    return dx, None if x is None else _weight_gradient(x, g)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd, symbolic_zeros=True)
+
+
+def _mlp_dense(layer, x):
+    return matmul(x, layer["kernel"]) + layer["bias"]
+
+
+@jax.jit
 def relu(x: jax.Array) -> jax.Array:
     """ReLU with ``nn.relu``'s gradient, 0 at 0 (``jnp.maximum(x, 0)``'s is 1/2 there, which makes
     zero inputs, common in images, train differently from the Flax definition). NaN in, NaN out
@@ -73,12 +113,12 @@ def relu(x: jax.Array) -> jax.Array:
 
 
 def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
-    """``MLP.apply`` as plain ``jnp`` on the same parameter tree."""
+    """``MLP.apply`` as plain ``jnp`` on the same parameter tree, its matmuls ``matmul``'s."""
     n = len(params)
     x = x.reshape((x.shape[0], -1))
     for i in range(n - 1):
-        x = relu(_dense(params[f"Dense_{i}"], x))
-    return _dense(params[f"Dense_{n - 1}"], x)
+        x = relu(_mlp_dense(params[f"Dense_{i}"], x))
+    return _mlp_dense(params[f"Dense_{n - 1}"], x)
 
 
 # --- The CNN's building blocks, written for XLA:CPU (see experiments/RESULTS.md, "The CNN step").
