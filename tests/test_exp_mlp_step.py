@@ -65,7 +65,7 @@ def test_quick_run_writes_results_and_checks_losses(tmp_path):
     assert [m["name"] for m in matmuls if m.get("xla_batch_contracting_ms", 0) > 0] == [
         "weight gradient 0", "weight gradient 1", "weight gradient 2"]
     assert result["analysis"]["adam_update_ms"] > 0 and result["rounds"][0]["adam_update_ms"] > 0
-    assert result["analysis"]["floor"]["ms"] > result["analysis"]["adam_update_ms"]
+    assert result["analysis"]["parts_estimate"]["ms"] > result["analysis"]["adam_update_ms"]
     summary = (tmp_path / "SUMMARY.md").read_text()
     assert "| shipped |" in summary and "| onednn-sgemm |" in summary and "Machine:" in summary
     assert "## Its matmuls alone" in summary and "OMP_WAIT_POLICY=passive" in summary
@@ -155,22 +155,22 @@ def test_a_call_that_does_not_fit_is_an_error_not_a_result(mlp_step):
     np.testing.assert_array_equal(jax.jit(lambda a, b: mlp_step._sgemm("nn", a, b, (4, 2)))(a, b), 3 * np.ones((4, 2)))
 
 
-def test_floor_takes_each_matmuls_faster_kernel_plus_adam_per_round(mlp_step):
+def test_parts_estimate_takes_each_matmuls_fastest_kernel_plus_adam_per_round(mlp_step):
     # Two rounds; the second machine-wide twice as slow (step parts and ceiling alike).
     rounds = [{"matmuls": [{"xla_ms": 1.0, "onednn_sgemm_ms": 2.0}, {"xla_ms": 3.0, "onednn_sgemm_ms": 1.5}],
                "adam_update_ms": 0.5, "matmul_peak_flops": 1e9},
               {"matmuls": [{"xla_ms": 2.0, "onednn_sgemm_ms": 4.0}, {"xla_ms": 6.0, "onednn_sgemm_ms": 3.0}],
                "adam_update_ms": 1.0, "matmul_peak_flops": 0.5e9}]
-    f = mlp_step.parts_floor(rounds, flops=3e6)
+    f = mlp_step.parts_estimate(rounds, flops=3e6)
     assert f["ms_range"] == [3.0, 6.0]  # 1.0 + 1.5 + 0.5, and twice that
     assert f["peak_fraction_range"] == [1.0, 1.0]  # 3 MFLOP in 3 ms at 1 GFLOP/s; the slow round cancels
-    # Negative control: a floor without Adam reads differently.
+    # Negative control: an estimate without Adam reads differently.
     no_adam = [{**r, "adam_update_ms": 0.0} for r in rounds]
-    assert mlp_step.parts_floor(no_adam, flops=3e6)["ms_range"] == [2.5, 5.0]
-    # ... and when one kernel gets faster, the floor follows it.
+    assert mlp_step.parts_estimate(no_adam, flops=3e6)["ms_range"] == [2.5, 5.0]
+    # ... and when one kernel gets faster, the estimate follows it.
     faster = [{**r, "matmuls": [{"xla_ms": 0.5, "onednn_sgemm_ms": 2.0}, r["matmuls"][1]]} for r in rounds[:1]]
-    assert mlp_step.parts_floor(faster, flops=3e6)["ms"] == 2.5
+    assert mlp_step.parts_estimate(faster, flops=3e6)["ms"] == 2.5
     # ... including a weight gradient's third kernel, jax.grad's own dot, where it is the fastest.
     third = [{**rounds[0], "matmuls": [{**rounds[0]["matmuls"][0], "xla_batch_contracting_ms": 0.25},
                                        rounds[0]["matmuls"][1]]}]
-    assert mlp_step.parts_floor(third, flops=3e6)["ms"] == 2.25
+    assert mlp_step.parts_estimate(third, flops=3e6)["ms"] == 2.25

@@ -58,8 +58,8 @@ class CNN(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
-def _dense(layer, x):
-    return x @ layer["kernel"] + layer["bias"]
+def _dense(layer, x, mm=jnp.matmul):
+    return mm(x, layer["kernel"]) + layer["bias"]
 
 
 @jax.jit
@@ -98,10 +98,6 @@ def _matmul_bwd(res, g):
 matmul.defvjp(_matmul_fwd, _matmul_bwd, symbolic_zeros=True)
 
 
-def _mlp_dense(layer, x):
-    return matmul(x, layer["kernel"]) + layer["bias"]
-
-
 @jax.jit
 def relu(x: jax.Array) -> jax.Array:
     """ReLU with ``nn.relu``'s gradient, 0 at 0 (``jnp.maximum(x, 0)``'s is 1/2 there, which makes
@@ -117,8 +113,8 @@ def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
     n = len(params)
     x = x.reshape((x.shape[0], -1))
     for i in range(n - 1):
-        x = relu(_mlp_dense(params[f"Dense_{i}"], x))
-    return _mlp_dense(params[f"Dense_{n - 1}"], x)
+        x = relu(_dense(params[f"Dense_{i}"], x, matmul))
+    return _dense(params[f"Dense_{n - 1}"], x, matmul)
 
 
 # --- The CNN's building blocks, written for XLA:CPU (see experiments/RESULTS.md, "The CNN step").
