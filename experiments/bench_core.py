@@ -28,9 +28,11 @@ of the per-round ratios. Step counts are chosen from a short probe so each measu
 ``--budget`` seconds.
 
 Run:
-    python experiments/bench_core.py            # full run, a few minutes
-    python experiments/bench_core.py --quick    # smoke test, under a minute
+    python experiments/bench_core.py            # full run
+    python experiments/bench_core.py --quick    # smoke test: batch 32 only, 2 short rounds
     python experiments/bench_core.py --out DIR  # results elsewhere
+
+The process runs with graphduo's CLI defaults (``_common.setup``), recorded in results.json.
 
 Writes ``DIR/results.json`` (every per-round time, ratio and goal, plus the environment),
 ``DIR/SUMMARY.md`` (the table, the command, the machine and a reading of each goal) and, when
@@ -42,8 +44,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
-import os
 import pathlib
 import statistics
 import sys
@@ -57,8 +57,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import _args  # experiments/_args.py
-from graphduo import runtime, timing
+import _common  # experiments/_common.py
+from _common import INPUT_SHAPE, LR, NUM_CLASSES
+from graphduo import timing
 from graphduo.config import Config
 from graphduo.eager import EagerStep
 from graphduo.models import build_model
@@ -66,10 +67,7 @@ from graphduo.step import TrainState, make_optimizer, make_train_step
 from graphduo.traced import TracedStep
 from graphduo.train import train_and_evaluate
 
-INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
-LR = 1e-3
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "bench_core"
+DEFAULT_OUT = _common.default_out("bench_core")
 
 # Goals, as ratio graphduo / bare: ("<=", x) for times, (">=", x) for throughput.
 GOALS = {"jit": ("<=", 1.05), "eager": ("<=", 1.10), "train": (">=", 0.90)}
@@ -131,20 +129,10 @@ class Variant:
     fresh_state: Callable[[], Any]
 
 
-def copy_tree(tree):
-    """Fresh buffers with the same values (donated buffers are consumed by a step)."""
-    return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
-
-
 def make_workload(model_name: str, batch_size: int) -> Workload:
     model = build_model(model_name, INPUT_SHAPE, NUM_CLASSES)
-    params0 = model.init(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    x = rng.random((batch_size, *INPUT_SHAPE), dtype=np.float32)
-    y = rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)
-    batch = jax.device_put({"image": x, "label": y})
-    jax.block_until_ready((params0, batch))
-    return Workload(model_name, batch_size, model, params0, batch)
+    params0 = jax.block_until_ready(model.init(jax.random.key(0)))
+    return Workload(model_name, batch_size, model, params0, _common.make_batch(batch_size))
 
 
 def bare_as_step(fn):
@@ -167,11 +155,11 @@ def make_variants(w: Workload) -> list[Variant]:
     flax_step = make_train_step(lambda p, x: module.apply({"params": p}, x), graphduo_tx)
 
     def bare_state():
-        params = copy_tree(w.params0)
+        params = _common.copy_tree(w.params0)
         return params, bare_tx.init(params)
 
     def graphduo_state():
-        params = copy_tree(w.params0)
+        params = _common.copy_tree(w.params0)
         return TrainState(jnp.zeros((), jnp.int32), params, graphduo_tx.init(params), jax.random.key(1))
 
     return [
@@ -209,22 +197,18 @@ def check_same_function(w: Workload, variants: list[Variant]) -> dict[str, float
 
 
 def matmul_gflops() -> float:
-    """How fast this machine is right now (``graphduo.timing.matmul_peak_flops``), in GFLOP/s.
+    """How fast this machine is right now (``_common.matmul_peak_flops``), in GFLOP/s.
 
     On a shared machine this drifts with the neighbours' load; it is measured at the start and the
     end of a run so absolute times can be read against it (ratios are interleaved and need not be).
     """
-    return timing.matmul_peak_flops() / 1e9
+    return _common.matmul_peak_flops() / 1e9
 
 
 def probe_step_s(v: Variant, w: Workload, calls: int = 3) -> float:
     """A rough steady-state step time (after the first call, which may compile)."""
     _, _, times = timing.time_steps(v.step, v.fresh_state(), [w.batch] * (calls + 2), warmup=1)
     return times.median_ms / 1e3
-
-
-def steps_for(step_s: float, budget_s: float, lo: int, hi: int) -> int:
-    return int(min(hi, max(lo, round(budget_s / step_s))))
 
 
 def time_variant(v: Variant, w: Workload, steps: int, warmup: int) -> dict[str, Any]:
@@ -254,9 +238,9 @@ def bench_workload(w: Workload, args) -> dict[str, Any]:
     checks = check_same_function(w, variants)
     # Step counts from a probe of each bare variant, shared by the variants of that kind.
     probes = {v.kind: probe_step_s(v, w) for v in variants if v.role == "bare"}
-    steps = {"jit": steps_for(probes["jit"], args.budget, 10, args.max_steps),
-             "eager": steps_for(probes["eager"], args.budget, args.min_eager_steps, args.max_steps)}
-    train_steps = steps_for(probes["jit"], args.train_budget, 20, args.max_train_steps)
+    steps = {"jit": _common.steps_for(probes["jit"], args.budget, 10, args.max_steps),
+             "eager": _common.steps_for(probes["eager"], args.budget, args.min_eager_steps, args.max_steps)}
+    train_steps = _common.steps_for(probes["jit"], args.train_budget, 20, args.max_train_steps)
     print(f"[{w.label}] probe: jit {probes['jit'] * 1e3:.2f} ms, eager {probes['eager'] * 1e3:.1f} ms; "
           f"steps jit {steps['jit']}, eager {steps['eager']}, train {train_steps}", file=sys.stderr)
 
@@ -423,12 +407,8 @@ PLOT_SECTIONS = (("graphduo-traced", "jit: traced step / bare jax.jit step", "ti
 def write_plot(out: pathlib.Path, payload: dict) -> str | None:
     """``out/ratios.png``: graphduo against bare JAX per section (jit, eager, train), model and batch,
     with each goal, from the payload written to results.json; its file name, or None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot", file=sys.stderr)
+    plt = _common.pyplot()
+    if plt is None:
         return None
     results = payload["workloads"]
     labels = [f"{r['model']}\nb{r['batch_size']}" for r in results]
@@ -462,14 +442,14 @@ def write_plot(out: pathlib.Path, payload: dict) -> str | None:
     return "ratios.png"
 
 
-def write_summary(path: pathlib.Path, rows, results, env, command: str, wall_s: float, args,
+def write_summary(out: pathlib.Path, rows, results, env, command: str, wall_s: float, args,
                   plot: str | None = None) -> None:
     text = [
         "# bench_core: graphduo against bare JAX",
         "",
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s, {args.rounds} interleaved rounds per workload.  ",
-        f"Machine: {timing.describe_machine(env)}.  ",
+        f"Machine: {_common.describe_machine(env)}.  ",
         f"Machine speed (jitted {env.get('matmul_n', 2048)}x{env.get('matmul_n', 2048)} float32 matmul): {env['matmul_gflops_start']:.0f} GFLOP/s at the "
         f"start, {env['matmul_gflops_end']:.0f} GFLOP/s at the end.",
         "",
@@ -487,7 +467,7 @@ def write_summary(path: pathlib.Path, rows, results, env, command: str, wall_s: 
     ]
     if plot:
         text += [f"![graphduo against bare JAX, per section, model and batch]({plot})", ""]
-    path.write_text("\n".join(text))
+    _common.write_summary(out, text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,20 +476,20 @@ def write_summary(path: pathlib.Path, rows, results, env, command: str, wall_s: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _args.make_parser(
+    parser = _common.make_parser(
         __doc__, "Time graphduo's traced step, eager step and end-to-end training against the same "
                  "step written in bare JAX (MLP and CNN, Adam), interleaved over several rounds.")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test in under a minute: batch 32 only, 2 rounds, short measurements")
+                        help="smoke test: batch 32 only, 2 rounds, short measurements")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
-                        help=_args.out_help("results.json, SUMMARY.md and ratios.png", DEFAULT_OUT))
-    parser.add_argument("--models", type=_args.models, default=list(_args.MODELS),
-                        help=f"comma-separated models, of {', '.join(_args.MODELS)} (default mlp,cnn)")
-    parser.add_argument("--batch-sizes", type=_args.batch_sizes, default=None,
+                        help=_common.out_help("results.json, SUMMARY.md and ratios.png", DEFAULT_OUT))
+    parser.add_argument("--models", type=_common.models, default=list(_common.MODELS),
+                        help=f"comma-separated models, of {', '.join(_common.MODELS)} (default mlp,cnn)")
+    parser.add_argument("--batch-sizes", type=_common.batch_sizes, default=None,
                         help="comma-separated batch sizes (default 32,256; --quick: 32)")
-    parser.add_argument("--rounds", type=_args.positive_int, default=None,
+    parser.add_argument("--rounds", type=_common.positive_int, default=None,
                         help="interleaved rounds per workload (default 7; --quick: 2)")
-    parser.add_argument("--budget", type=_args.positive_float, default=None,
+    parser.add_argument("--budget", type=_common.positive_float, default=None,
                         help="seconds of timed steps per variant per round (default 1.0; --quick: 0.15)")
     return parser
 
@@ -525,17 +505,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.min_eager_steps = 3 if quick else 6
     args.max_steps = 100 if quick else 400
     args.max_train_steps = 100 if quick else 500
-    args.out = _args.check_out(parser, args.out)
+    args.out = _common.check_out(parser, args.out)
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI, before any JAX computation
-    command = timing.command_line(argv)
+    settings = _common.setup()  # the CLI's process settings, before any JAX computation
+    command = _common.command_line(argv)
     t_start = time.perf_counter()
-    env = timing.environment()
-    env["matmul_n"] = timing.peak_matmul_size()
+    env = _common.environment(settings)
+    env["matmul_n"] = _common.peak_matmul_size()
     env["matmul_gflops_start"] = matmul_gflops()
     print(f"bench_core on {env['cpu']} ({env['cpu_count']} cores), jax {env['jax']} {env['backend']}, "
           f"matmul {env['matmul_gflops_start']:.0f} GFLOP/s", file=sys.stderr)
@@ -552,11 +532,10 @@ def main(argv=None) -> None:
     print(f"\nwall time {wall_s:.0f} s", file=sys.stderr)
 
     payload = {"command": command, "wall_s": wall_s, "environment": env, "goals": GOALS,
-               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
-               "workloads": results}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+               "settings": _common.settings_record(args), "workloads": results}
+    _common.write_results(args.out, payload)
     plot = write_plot(args.out, payload)
-    write_summary(args.out / "SUMMARY.md", rows, results, env, command, wall_s, args, plot)
+    write_summary(args.out, rows, results, env, command, wall_s, args, plot)
     print(f"wrote {args.out / 'results.json'}, SUMMARY.md" + (f" and {plot}" if plot else ""), file=sys.stderr)
 
 

@@ -26,17 +26,18 @@ wrapped in a fresh ``TracedStep(..., donate_argnums=0)`` per configuration, on t
                (never in library code), reporting each stage cold (empty cache) and warm.
 
 How: all timing goes through ``graphduo.timing`` (``time_steps``: first call apart, every call blocked
-on, median with p10/p90). Eager and traced steps of a configuration run on identical states and one
+on, median with p10/p90). Every process (this one and the cache children) runs with graphduo's CLI
+defaults (``_common.setup``), recorded in results.json. Eager and traced steps of a configuration run on identical states and one
 device-resident batch. The eager first step in a process also compiles each primitive JAX dispatches
 (op-by-op executables are cached by shape), so it is largest for the first configuration of a shape
 family; that is what a user pays, and it is recorded as is.
 
 Run:
-    python experiments/compile_cost.py            # full run, a few minutes
-    python experiments/compile_cost.py --quick    # smoke test, under a minute
+    python experiments/compile_cost.py            # full run
+    python experiments/compile_cost.py --quick    # smoke test: 2 configurations per sweep, small models
     python experiments/compile_cost.py --out DIR  # results elsewhere
 
-Writes ``DIR/results.json`` (every figure plus ``graphduo.timing.environment()``), ``DIR/SUMMARY.md``
+Writes ``DIR/results.json`` (every figure plus the environment, ``_common.environment``), ``DIR/SUMMARY.md``
 (the tables, the command, the machine, a reading) and, when matplotlib is installed,
 ``DIR/compile_stages.png`` and ``DIR/recompiles.png``.
 """
@@ -57,18 +58,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _args  # experiments/_args.py
-from graphduo import runtime, timing
+import _common  # experiments/_common.py
+from _common import LR, NUM_CLASSES
+from graphduo import timing
 from graphduo.eager import EagerStep
 from graphduo.models import build_model, count_params
 from graphduo.step import create_train_state, make_optimizer, make_train_step
 from graphduo.traced import TracedStep
 
-LR = 1e-3
-NUM_CLASSES = 10
-MLP_INPUT = (28, 28, 1)
+MLP_INPUT = _common.INPUT_SHAPE
 CNN_INPUT = (32, 32, 3)
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "compile_cost"
+DEFAULT_OUT = _common.default_out("compile_cost")
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,12 +88,6 @@ def config_list(quick: bool, cnn_input=CNN_INPUT) -> list[dict[str, Any]]:
     configs += [{"family": "cnn-depth", "x": k, "model": "cnn", "input_shape": cnn_input,
                  "options": {"channels": (32,) * k}} for k in convs]
     return configs
-
-
-def make_batch(input_shape, batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
-    rng = np.random.default_rng(seed)
-    return {"image": jnp.asarray(rng.normal(size=(batch_size, *input_shape)).astype(np.float32)),
-            "label": jnp.asarray(rng.integers(0, NUM_CLASSES, size=batch_size).astype(np.int32))}
 
 
 def setup(model_name: str, input_shape, options: dict):
@@ -121,7 +115,7 @@ def fresh_state(model, tx, template=None):
 
 def measure_config(cfg: dict, args) -> dict[str, Any]:
     model, tx, step_fn = setup(cfg["model"], cfg["input_shape"], cfg["options"])
-    batch = make_batch(cfg["input_shape"], args.batch_size)
+    batch = _common.make_batch(args.batch_size, input_shape=cfg["input_shape"])
     state0 = fresh_state(model, tx)
     jax.block_until_ready(state0)
 
@@ -159,12 +153,12 @@ def measure_config(cfg: dict, args) -> dict[str, Any]:
 def warm_up(args) -> None:
     """Pay the process's one-off costs (XLA client start-up, first MLP primitives) outside the sweep.
 
-    Without this the first configuration's compile (and eager first step) carries them and looks ~2x
+    Without this the first configuration's compile (and eager first step) carries them and looks
     dearer than the next one. New primitives/shapes the sweep meets later (the first conv) are still paid
     by the configuration that meets them, as a user would.
     """
     model, tx, step_fn = setup("mlp", MLP_INPUT, {"features": (32,)})
-    batch = make_batch(MLP_INPUT, args.batch_size)
+    batch = _common.make_batch(args.batch_size, input_shape=MLP_INPUT)
     timing.time_steps(TracedStep(step_fn, donate_argnums=0), fresh_state(model, tx), [batch] * 2)
     timing.time_steps(EagerStep(step_fn), fresh_state(model, tx), [batch] * 2)
 
@@ -253,7 +247,7 @@ def cache_child(which: str) -> None:
     name, shape, options, _ = CACHE_MODELS[which]
     model, tx, step_fn = setup(name, shape, options)
     step = TracedStep(step_fn, donate_argnums=0)
-    record = step.stages(fresh_state(model, tx), make_batch(shape, 32)).record
+    record = step.stages(fresh_state(model, tx), _common.make_batch(32, input_shape=shape)).record
     print(json.dumps({"trace_s": record.trace_s, "lower_s": record.lower_s, "compile_s": record.compile_s,
                       "total_s": record.total_s, "child_wall_s": time.perf_counter() - t0}))
 
@@ -332,7 +326,7 @@ def write_summary(out: pathlib.Path, payload: dict) -> None:
 
 Command: `{payload['command']}`  
 Wall time: {payload['wall_s']:.0f} s.  
-Machine: {timing.describe_machine(env)}. Shared and noisy: single figures can move by tens of percent.
+Machine: {_common.describe_machine(env)}. Shared and noisy: single figures can move by tens of percent.
 
 Adam (lr 1e-3) train step, batch {args['batch_size']}, each configuration in a fresh `TracedStep`
 (donated state). MLP inputs 28x28x1, CNN inputs {'x'.join(map(str, args['cnn_input']))} (conv 3x3, 32 channels per layer, then dense 128).
@@ -375,16 +369,12 @@ tracing and lowering run again in every new process (the cache key is computed f
 program). Enabled only in the child's environment (`JAX_COMPILATION_CACHE_DIR`,
 `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0`), never by graphduo itself.
 """
-    (out / "SUMMARY.md").write_text(text)
+    _common.write_summary(out, text)
 
 
 def write_plots(out: pathlib.Path, payload: dict) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plots", file=sys.stderr)
+    plt = _common.pyplot()
+    if plt is None:
         return
     rows = payload["configs"]
     families = [f for f in ("mlp-depth", "mlp-width", "cnn-depth") if any(r["family"] == f for r in rows)]
@@ -431,20 +421,20 @@ def write_plots(out: pathlib.Path, payload: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _args.make_parser(
+    parser = _common.make_parser(
         __doc__, "Measure trace/lower/compile time of graphduo's traced Adam train step against model "
                  "size, the break-even step count against eager mode, recompilation under varying batch "
                  "sizes (and bucketing/padding fixes), and JAX's persistent compilation cache.")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test in under a minute: 2 configurations per sweep, 16x16x3 CNN "
+                        help="smoke test: 2 configurations per sweep, 16x16x3 CNN "
                              "inputs, 5 shape batches (MLP 784-32-10), MLP 784-32-10 in the cache test")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
-                        help=_args.out_help("results.json, SUMMARY.md and the PNG plots", DEFAULT_OUT))
-    parser.add_argument("--batch-size", type=_args.positive_int, default=32,
+                        help=_common.out_help("results.json, SUMMARY.md and the PNG plots", DEFAULT_OUT))
+    parser.add_argument("--batch-size", type=_common.positive_int, default=32,
                         help="batch size of the stage/break-even sweeps (default 32)")
-    parser.add_argument("--shape-batches", type=_args.positive_int, default=None,
+    parser.add_argument("--shape-batches", type=_common.positive_int, default=None,
                         help="batches of random size in the recompilation test (default 50; --quick: 5)")
-    parser.add_argument("--max-batch", type=_args.positive_int, default=128,
+    parser.add_argument("--max-batch", type=_common.positive_int, default=128,
                         help="largest random batch size, a power of two (default 128)")
     parser.add_argument("--no-cache", action="store_true", help="skip the persistent-cache child processes")
     parser.add_argument("--cache-model", choices=tuple(CACHE_MODELS), default=None,
@@ -465,19 +455,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.traced_steps = 4 if args.quick else 30
     args.eager_steps = 3 if args.quick else 10
     if not args.cache_child:  # a cache child only prints its stage times
-        args.out = _args.check_out(parser, args.out)
+        args.out = _common.check_out(parser, args.out)
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI, before any JAX computation
+    settings = _common.setup()  # the CLI's process settings, before any JAX computation
     if args.cache_child:
         cache_child(args.cache_child)
         return
-    command = timing.command_line(argv)
+    command = _common.command_line(argv)
     t_start = time.perf_counter()
-    env = timing.environment()
+    env = _common.environment(settings)
     print(f"compile_cost on {env['cpu']} ({env['cpu_count']} cores), jax {env['jax']} {env['backend']}",
           file=sys.stderr)
     warm_up(args)
@@ -486,10 +476,9 @@ def main(argv=None) -> None:
     cache = {"runs": [], "skipped": True} if args.no_cache else measure_cache(args.cache_model)
     wall_s = time.perf_counter() - t_start
 
-    payload = {"command": command, "wall_s": wall_s, "environment": env,
-               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+    payload = {"command": command, "wall_s": wall_s, "environment": env, "settings": _common.settings_record(args),
                "configs": configs, "shapes": shapes, "cache": cache}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    _common.write_results(args.out, payload)
     if args.no_cache:
         cache.update(runs=[], compile_speedup=float("nan"))
     write_summary(args.out, payload)

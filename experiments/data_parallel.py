@@ -19,14 +19,15 @@ single-device baseline (strategy ``none``). Per row:
 How: the device count is fixed when JAX starts, so each N runs in a subprocess of this script
 (``--worker N``, with ``JAX_PLATFORMS=cpu`` and ``JAX_NUM_CPU_DEVICES=N`` set in the child's
 environment only) that prints one JSON line; the parent collects the rows, prints a table and writes
-the outputs. On a CPU machine these are virtual devices sharing the same cores.
+the outputs. On a CPU machine these are virtual devices sharing the same cores. Parent and workers run
+with graphduo's CLI defaults (``_common.setup``; a worker's are recorded in results.json).
 
 Run:
-    python experiments/data_parallel.py                  # full run, a few minutes
-    python experiments/data_parallel.py --quick          # smoke test, under a minute
+    python experiments/data_parallel.py                  # full run
+    python experiments/data_parallel.py --quick          # smoke test: N = 1 and 2, a smaller MLP
     python experiments/data_parallel.py --out DIR --batch-size 512 --bandwidth-gbps 25 450 900
 
-Writes ``DIR/results.json`` (rows, settings, a worker's ``graphduo.timing.environment()``),
+Writes ``DIR/results.json`` (rows, settings, a worker's environment, ``_common.environment``),
 ``DIR/SUMMARY.md`` (table, command, machine, reading) and ``DIR/samples_per_s.png``.
 """
 
@@ -41,9 +42,9 @@ import subprocess
 import sys
 import time
 
-import _args  # experiments/_args.py
+import _common  # experiments/_common.py
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "data_parallel"
+DEFAULT_OUT = _common.default_out("data_parallel")
 PARALLEL_STRATEGIES = ("shard_map", "pmap", "auto")
 BANDWIDTH_NAMES = {25.0: "PCIe 4.0 x16", 450.0: "NVLink 4, H100, per direction"}
 JSON_MARKER = "DP_RESULT "
@@ -88,7 +89,7 @@ def all_reduce_bytes(hlo_text: str) -> tuple[int, int]:
 
 
 def run_worker(num_devices: int, batch_size: int, features: tuple[int, ...], steps: int,
-               warmup: int) -> dict:
+               warmup: int, process_settings) -> dict:
     import jax
     import numpy as np
 
@@ -99,8 +100,8 @@ def run_worker(num_devices: int, batch_size: int, features: tuple[int, ...], ste
 
     if jax.device_count() != num_devices:
         raise RuntimeError(f"asked for {num_devices} devices, JAX sees {jax.device_count()}")
-    model = build_model("mlp", (28, 28, 1), 10, features=tuple(features))
-    tx = make_optimizer("adam", 1e-3)
+    model = build_model("mlp", _common.INPUT_SHAPE, _common.NUM_CLASSES, features=tuple(features))
+    tx = make_optimizer("adam", _common.LR)
     data = load_dataset("synthetic", synthetic_size=max(2048, 4 * batch_size), seed=0)
     host_batches = list(epoch_batches(data.x_train, data.y_train, batch_size, seed=0, epoch=0))
     n_calls = 1 + warmup + steps
@@ -132,7 +133,7 @@ def run_worker(num_devices: int, batch_size: int, features: tuple[int, ...], ste
             "params": count_params(plan.host_params(state)),
         })
         del state, device_batches, batches
-    return {"rows": rows, "environment": timing.environment()}
+    return {"rows": rows, "environment": _common.environment(process_settings)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +233,7 @@ at {bw_text}.
 
 Command: `{command}` (wall time {wall_s:.0f} s)
 
-Machine: {env.get('cpu', '?')}, {env.get('cpu_count', '?')} cores; jax {env.get('jax', '?')},
-backend {env.get('backend', '?')}, Python {env.get('python', '?')}.
+Machine (a worker's): {_common.describe_machine(env)}.
 
 ## Reading
 
@@ -245,16 +245,12 @@ compute here, and a speedup below 1 is the expected result, not a defect of a st
 """
     if errors:
         text += "\n## Errors\n\n" + "\n".join(f"- {e}" for e in errors) + "\n"
-    (out / "SUMMARY.md").write_text(text)
+    _common.write_summary(out, text)
 
 
 def write_plot(out: pathlib.Path, rows: list[dict]) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot")
+    plt = _common.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for strategy in ("none",) + PARALLEL_STRATEGIES:
@@ -276,23 +272,23 @@ def write_plot(out: pathlib.Path, rows: list[dict]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _args.make_parser(
+    parser = _common.make_parser(
         __doc__, "Time graphduo's data-parallel strategies (shard_map, pmap, auto; traced) on 1-8 "
                  "virtual CPU devices and compare the measured all-reduce bytes with a ring model.")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test under a minute: N in (1, 2), MLP 784-256-256-10, 8 timed steps")
+                        help="smoke test: N in (1, 2), MLP 784-256-256-10, 8 timed steps")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
-                        help=_args.out_help("results.json, SUMMARY.md and samples_per_s.png", DEFAULT_OUT))
-    parser.add_argument("--batch-size", type=_args.positive_int, default=256,
+                        help=_common.out_help("results.json, SUMMARY.md and samples_per_s.png", DEFAULT_OUT))
+    parser.add_argument("--batch-size", type=_common.positive_int, default=256,
                         help="GLOBAL batch size, split over the devices: a multiple of every N (default 256)")
-    parser.add_argument("--bandwidth-gbps", type=_args.positive_float, nargs="+", default=[25.0, 450.0],
+    parser.add_argument("--bandwidth-gbps", type=_common.positive_float, nargs="+", default=[25.0, 450.0],
                         help="interconnect bandwidths for the ring model, in GB/s (gigabytes per second): "
                              "25 = PCIe 4.0 x16, 450 = NVLink 4 on an H100 per direction (default 25 450)")
-    parser.add_argument("--steps", type=_args.positive_int, default=None,
+    parser.add_argument("--steps", type=_common.positive_int, default=None,
                         help=f"timed steps per row (default {FULL['steps']}; --quick: {QUICK['steps']})")
-    parser.add_argument("--worker", type=_args.positive_int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--warmup", type=_args.nonnegative_int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--features", type=_args.positive_ints, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=_common.positive_int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=_common.nonnegative_int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--features", type=_common.positive_ints, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -305,15 +301,15 @@ def parse_args(argv=None):
         if bad:
             parser.error(f"argument --batch-size: {args.batch_size} is not divisible by N={bad}: use a "
                          f"multiple of {max(devices)}")
-        args.out = _args.check_out(parser, args.out)
+        args.out = _common.check_out(parser, args.out)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from graphduo import runtime
-
-    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI; children inherit XLA_FLAGS
+    # The CLI's process settings, before any JAX computation; the workers inherit XLA_FLAGS and apply
+    # their own (host memory is per process), recording them with their rows.
+    process_settings = _common.setup()
     settings = dict(QUICK if args.quick else FULL)
     if args.steps is not None:
         settings["steps"] = args.steps
@@ -325,13 +321,11 @@ def main(argv=None) -> int:
 
     if args.worker is not None:
         result = run_worker(args.worker, args.batch_size, settings["features"], settings["steps"],
-                            settings["warmup"])
+                            settings["warmup"], process_settings)
         print(JSON_MARKER + json.dumps(result), flush=True)
         return 0
 
-    from graphduo.timing import command_line  # the parent process never starts a JAX backend
-
-    command = command_line(argv)
+    command = _common.command_line(argv)  # the parent process never starts a JAX backend
     t0 = time.perf_counter()
     rows, errors, env = [], [], {}
     for n in settings["devices"]:
@@ -353,10 +347,10 @@ def main(argv=None) -> int:
 
     out = args.out
     settings_json = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
-    (out / "results.json").write_text(json.dumps({
+    _common.write_results(out, {
         "command": command, "wall_s": wall_s, "settings": settings_json,
         "bandwidths_GBps": args.bandwidth_gbps, "rows": rows, "errors": errors,
-        "environment": env}, indent=2))
+        "environment": env})
     write_summary(out, rows, args.bandwidth_gbps, env, settings, command, wall_s, errors)
     write_plot(out, rows)
     print(markdown_table(rows, args.bandwidth_gbps))

@@ -28,23 +28,23 @@ Also: the eager variant's function handed to ``TracedStep`` fails with graphduo'
 (the Python ``while`` branches on a traced value); the message is recorded.
 
 Checks: every variant gives the same iteration count and outputs as eager on every input (tolerances
-justified in ``tolerances``; matmuls in full float32 on every backend, a GPU's TF32 default off). Times: ``graphduo.timing.time_call`` (first call apart, every call
-blocked on), variants interleaved over several rounds, median over rounds.
+justified in ``tolerances``; matmuls in full float32 on every backend, a GPU's TF32 default off).
+Times: ``_common.time_call`` (first call apart, every call blocked on), variants interleaved over
+several rounds, median over rounds. The process runs with graphduo's CLI defaults
+(``_common.setup``), recorded in results.json.
 
 Run:
-    python experiments/dynamic_control_flow.py            # full run, about a minute or two
-    python experiments/dynamic_control_flow.py --quick    # smoke test, well under a minute
+    python experiments/dynamic_control_flow.py            # full run
+    python experiments/dynamic_control_flow.py --quick    # smoke test: 3 inputs, 1 round
     python experiments/dynamic_control_flow.py --out DIR  # results elsewhere
 
-Writes ``DIR/results.json`` (all figures plus ``graphduo.timing.environment()``), ``DIR/SUMMARY.md``
+Writes ``DIR/results.json`` (all figures plus the environment, ``_common.environment``), ``DIR/SUMMARY.md``
 and, when matplotlib is installed, ``DIR/time_per_call.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
 import sys
 import time
@@ -54,12 +54,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _args  # experiments/_args.py
-from graphduo import runtime, timing
+import _common  # experiments/_common.py
 from graphduo.eager import EagerStep
 from graphduo.traced import TracedStep, TracingError
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "dynamic_control_flow"
+DEFAULT_OUT = _common.default_out("dynamic_control_flow")
 IN_DIM, HIDDEN, NUM_CLASSES, BATCH = 32, 64, 10, 16
 DAMPING = 0.5  # a in h <- h + a * (tanh(h W + z) - h)
 TOL = 1e-4
@@ -238,7 +237,7 @@ def run(args) -> dict[str, Any]:
     for r in range(args.rounds):
         for name, (step, call) in variants.items():
             for i, (x, ref, n) in enumerate(zip(inputs, reference, counts)):
-                times = timing.time_call(lambda: call(params, x, n), repeats=args.repeats, warmup=1)
+                times = _common.time_call(lambda: call(params, x, n), repeats=args.repeats, warmup=1)
                 rounds[name][i].append(times.median_ms)
                 if r == 0:
                     first_call[name].append(times.first_s)
@@ -298,12 +297,12 @@ def write_summary(out: pathlib.Path, payload: dict) -> None:
 
 Command: `{payload['command']}`  
 Wall time: {payload['wall_s']:.0f} s.  
-Machine: {timing.describe_machine(env)}. Shared and noisy.
+Machine: {_common.describe_machine(env)}. Shared and noisy.
 
 Model: z = x U; h <- h + {DAMPING} (tanh(h W + z) - h) from h = 0 until max|update| < {TOL:g} or {MAX_ITERS}
 iterations; logits = h V + c. Batch {BATCH} x {IN_DIM}, hidden {HIDDEN}, |W| = 0.9. Inputs differ only in scale,
 which sets the iteration count. ms/call: median over {payload['settings']['rounds']} interleaved rounds of the median
-of {payload['settings']['repeats']} calls (`graphduo.timing.time_call`, first call apart, so compile time is not in it).
+of {payload['settings']['repeats']} calls (`_common.time_call`, first call apart, so compile time is not in it).
 
 {markdown_table(res)}
 
@@ -339,16 +338,12 @@ skipped ones cheap), unrolled {us_per_it['unrolled']:.1f} us.
 {res['tracing_error']}
 ```
 """
-    (out / "SUMMARY.md").write_text(text)
+    _common.write_summary(out, text)
 
 
 def write_plot(out: pathlib.Path, res: dict) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot", file=sys.stderr)
+    plt = _common.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for v in res["variants"]:
@@ -372,21 +367,21 @@ def write_plot(out: pathlib.Path, res: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _args.make_parser(
+    parser = _common.make_parser(
         __doc__, "Run a model with a data-dependent loop (iterate a residual block until converged) "
                  "eagerly with a Python while, and traced with lax.while_loop, fori_loop + cond and a "
                  "host-unrolled loop; count compiles, time calls and check all variants agree.")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test in well under a minute: input scales "
+                        help="smoke test: input scales "
                              f"{','.join(map(str, QUICK_SCALES))}, 1 round of 3 calls")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
-                        help=_args.out_help("results.json, SUMMARY.md and time_per_call.png", DEFAULT_OUT))
-    parser.add_argument("--scales", type=_args.positive_floats, default=None,
+                        help=_common.out_help("results.json, SUMMARY.md and time_per_call.png", DEFAULT_OUT))
+    parser.add_argument("--scales", type=_common.positive_floats, default=None,
                         help="comma-separated input scales, one input each "
                              f"(default {','.join(map(str, SCALES))}; --quick: {','.join(map(str, QUICK_SCALES))})")
-    parser.add_argument("--repeats", type=_args.positive_int, default=None,
+    parser.add_argument("--repeats", type=_common.positive_int, default=None,
                         help="timed calls per variant, input and round (default 5; --quick: 3)")
-    parser.add_argument("--rounds", type=_args.positive_int, default=None,
+    parser.add_argument("--rounds", type=_common.positive_int, default=None,
                         help="interleaved rounds over all variants and inputs (default 7; --quick: 1)")
     return parser
 
@@ -397,29 +392,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.scales = tuple(args.scales) if args.scales else (QUICK_SCALES if args.quick else SCALES)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.rounds = args.rounds or (1 if args.quick else 7)
-    args.out = _args.check_out(parser, args.out)
+    args.out = _common.check_out(parser, args.out)
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI, before any JAX computation
+    settings = _common.setup()  # the CLI's process settings, before any JAX computation
     # Float32 matmuls in float32 on every backend: the agreement tolerances are derived for float32
     # rounding, and a GPU's default (TF32, ~3e-4 relative per product) made the variants differ by
     # 1.4e-4 on an H100. What is measured here is control flow, not matmul precision.
     jax.config.update("jax_default_matmul_precision", "highest")
-    command = timing.command_line(argv)
+    command = _common.command_line(argv)
     t_start = time.perf_counter()
-    env = timing.environment()
+    env = _common.environment(settings)
     res = run(args)
     wall_s = time.perf_counter() - t_start
     payload = {"command": command, "wall_s": wall_s, "environment": env,
-               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+               "settings": _common.settings_record(args),
                "model": {"in_dim": IN_DIM, "hidden": HIDDEN, "classes": NUM_CLASSES, "batch": BATCH,
                          "damping": DAMPING, "tol": TOL, "max_iters": MAX_ITERS,
                          "matmul_precision": "highest"},
                "results": res}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    _common.write_results(args.out, payload)
     write_summary(args.out, payload)
     write_plot(args.out, res)
     print(markdown_table(res))

@@ -12,7 +12,7 @@ first step apart, every step blocked on, median and percentiles); the first step
 compiles; traced: trace + lower + compile); the speedup eager/traced; the achieved FLOP/s of each mode
 = XLA's ``cost_analysis()["flops"]`` of the traced step / the mode's median step time (both modes run
 the same arithmetic, XLA's count is the one count we have), as a fraction of this machine's peak
-measured by ``graphduo.timing.matmul_peak_flops()`` (a jitted float32 matmul), at the start and end.
+measured by ``_common.matmul_peak_flops()`` (a jitted float32 matmul), at the start and end.
 
 Dispatch-bound rule (stated in SUMMARY.md): the eager step is dispatch-bound while its time stays
 within 2x of its batch-1 time (at batch 1 almost all of an eager step is per-op Python and dispatch
@@ -26,11 +26,12 @@ How: per case, a short probe run (first step + one steady step) picks the number
 each measurement lasts about ``--budget`` seconds (at least ``--min-steps``, at most ``--max-steps``;
 slow eager CNN steps at large batch therefore get only a few), then a second ``time_steps`` run on
 the warm step gives the steady-state figures. The machine is shared and noisy: read p10 as the least
-disturbed estimate.
+disturbed estimate. The process runs with graphduo's CLI defaults (``_common.setup``), recorded in
+results.json.
 
 Run:
-    python experiments/eager_vs_traced.py            # full run, about 5 minutes on 2 cores
-    python experiments/eager_vs_traced.py --quick    # smoke test, under a minute (MLP, batch 1, 8, 64)
+    python experiments/eager_vs_traced.py            # full run
+    python experiments/eager_vs_traced.py --quick    # smoke test: MLP, batch 1, 8, 64
     python experiments/eager_vs_traced.py --out DIR --models mlp --batch-sizes 1,32,1024
 
 Writes ``DIR/results.json`` (every case, the environment, the peak), ``DIR/SUMMARY.md`` (tables, rule,
@@ -42,7 +43,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import pathlib
 import sys
 import time
@@ -51,28 +51,18 @@ from typing import Any
 import jax
 import numpy as np
 
-import _args  # experiments/_args.py
-from graphduo import runtime, timing
+import _common  # experiments/_common.py
+from _common import INPUT_SHAPE, LR, NUM_CLASSES
+from graphduo import timing
 from graphduo.eager import EagerStep
-from graphduo.graphs import step_cost
 from graphduo.models import build_model
 from graphduo.step import create_train_state, make_optimizer, make_train_step
 from graphduo.traced import TracedStep
 
-INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
-LR = 1e-3
 MODES = ("eager", "traced")
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "eager_vs_traced"
+DEFAULT_OUT = _common.default_out("eager_vs_traced")
 DISPATCH_FACTOR = 2.0  # eager time > this x batch-1 eager time: no longer dispatch-bound
 PER_SAMPLE_GAIN = 0.9  # traced per-sample time "still falling" while t(2b)/2b < this x t(b)/b
-
-
-def make_batch(batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
-    rng = np.random.default_rng(seed)
-    batch = {"image": rng.random((batch_size, *INPUT_SHAPE), dtype=np.float32),
-             "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)}
-    return jax.block_until_ready(jax.device_put(batch))
 
 
 def make_step(mode: str, model, tx):
@@ -82,7 +72,7 @@ def make_step(mode: str, model, tx):
 
 def time_case(model, tx, mode: str, batch_size: int, args) -> dict[str, Any]:
     """Time one (model, mode, batch) case: a probe run for the step count, then the measurement."""
-    batch = make_batch(batch_size)
+    batch = _common.make_batch(batch_size)
     step = make_step(mode, model, tx)
     state = create_train_state(model, tx, jax.random.key(0))
     # Probe: the first step (compiles) and one steady step.
@@ -95,8 +85,7 @@ def time_case(model, tx, mode: str, batch_size: int, args) -> dict[str, Any]:
            "loss": float(metrics[-1]["loss"])}
     if mode == "traced":
         stages = step.stages(state, batch)  # cached: same signature, no new compile
-        # XLA's cost analysis; with oneDNN's convolutions, of the same step with XLA's (graphs.step_cost).
-        row["cost"] = step_cost(stages, model, tx, state, batch)
+        row["cost"] = stages.cost_analysis()
         rec = stages.record
         row["compile_s"] = {"trace": rec.trace_s, "lower": rec.lower_s, "compile": rec.compile_s}
     del state, metrics, step
@@ -211,8 +200,8 @@ def write_summary(out: pathlib.Path, rows, analysis, env, command: str, wall_s: 
         "",
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s.  ",
-        f"Machine: {timing.describe_machine(env)}.  ",
-        f"Peak (jitted {args.matmul_n}x{args.matmul_n} float32 matmul, `graphduo.timing.matmul_peak_flops`): "
+        f"Machine: {_common.describe_machine(env)}.  ",
+        f"Peak (jitted {args.matmul_n}x{args.matmul_n} float32 matmul, `_common.matmul_peak_flops`): "
         f"{env['matmul_peak_flops_start'] / 1e9:.1f} GFLOP/s at the start, {env['matmul_peak_flops_end'] / 1e9:.1f} at the "
         f"end; fractions below are against the larger, {env['matmul_peak_flops'] / 1e9:.1f} GFLOP/s.",
         "",
@@ -242,16 +231,12 @@ def write_summary(out: pathlib.Path, rows, analysis, env, command: str, wall_s: 
         f"only {args.min_steps}+ times, so their medians carry more noise than the small-batch ones.",
         "",
     ]
-    (out / "SUMMARY.md").write_text("\n".join(text))
+    _common.write_summary(out, text)
 
 
 def write_plots(out: pathlib.Path, rows: list[dict], analysis: dict) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plots", file=sys.stderr)
+    plt = _common.pyplot()
+    if plt is None:
         return []
     models = list(analysis)
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
@@ -301,25 +286,25 @@ def write_plots(out: pathlib.Path, rows: list[dict], analysis: dict) -> list[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _args.make_parser(
+    parser = _common.make_parser(
         __doc__, "Time one Adam training step of the MLP and the CNN in eager and traced mode over batch "
                  "sizes 1..1024; report speedup, achieved FLOP/s against the matmul peak, and the batch "
                  "where the eager step stops being dispatch-bound.")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test in under a minute: MLP only, batch 1, 8, 64, short measurements")
+                        help="smoke test: MLP only, batch 1, 8, 64, short measurements")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
-                        help=_args.out_help("results.json, SUMMARY.md and the plots", DEFAULT_OUT))
-    parser.add_argument("--models", type=_args.models, default=None,
-                        help=f"comma-separated models, of {', '.join(_args.MODELS)} (default mlp,cnn; --quick: mlp)")
-    parser.add_argument("--batch-sizes", type=_args.batch_sizes, default=None,
+                        help=_common.out_help("results.json, SUMMARY.md and the plots", DEFAULT_OUT))
+    parser.add_argument("--models", type=_common.models, default=None,
+                        help=f"comma-separated models, of {', '.join(_common.MODELS)} (default mlp,cnn; --quick: mlp)")
+    parser.add_argument("--batch-sizes", type=_common.batch_sizes, default=None,
                         help="comma-separated batch sizes (default 1,2,4,...,1024; --quick: 1,8,64)")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: re-read OUT/results.json and rewrite SUMMARY.md and the plots")
-    parser.add_argument("--budget", type=_args.positive_float, default=None,
+    parser.add_argument("--budget", type=_common.positive_float, default=None,
                         help="target seconds of timed steps per case (default 0.6; --quick: 0.15)")
-    parser.add_argument("--min-steps", type=_args.positive_int, default=None,
+    parser.add_argument("--min-steps", type=_common.positive_int, default=None,
                         help="fewest timed steps per case (default 3)")
-    parser.add_argument("--max-steps", type=_args.positive_int, default=None,
+    parser.add_argument("--max-steps", type=_common.positive_int, default=None,
                         help="most timed steps per case (default 40; --quick: 10)")
     return parser
 
@@ -328,7 +313,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     quick = args.quick
-    args.models = args.models or (["mlp"] if quick else list(_args.MODELS))
+    args.models = args.models or (["mlp"] if quick else list(_common.MODELS))
     args.batch_sizes = args.batch_sizes or ([1, 8, 64] if quick else [2**i for i in range(11)])
     args.budget = args.budget or (0.15 if quick else 0.6)
     args.min_steps = args.min_steps or 3
@@ -337,7 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--min-steps {args.min_steps} is more than --max-steps {args.max_steps}")
     if args.replot and not (args.out / "results.json").is_file():
         parser.error(f"--replot: {args.out / 'results.json'} not found; run without --replot first")
-    args.out = _args.check_out(parser, args.out)
+    args.out = _common.check_out(parser, args.out)
     return args
 
 
@@ -346,7 +331,7 @@ def replot(out: pathlib.Path) -> None:
     rows, env = payload["rows"], payload["environment"]
     analysis = analyse(rows, env["matmul_peak_flops"])
     payload["analysis"] = analysis
-    (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    _common.write_results(out, payload)
     write_summary(out, rows, analysis, env, payload["command"], payload["wall_s"], argparse.Namespace(**payload["settings"]))
     write_plots(out, rows, analysis)
     print("\n".join(markdown_tables(rows, analysis)))
@@ -354,15 +339,15 @@ def replot(out: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI, before any JAX computation
+    settings = _common.setup()  # the CLI's process settings, before any JAX computation
     if args.replot:
         replot(args.out)
         return
-    command = timing.command_line(argv)
+    command = _common.command_line(argv)
     t_start = time.perf_counter()
-    env = timing.environment()
-    args.matmul_n = timing.peak_matmul_size() // (2 if args.quick else 1)
-    env["matmul_peak_flops_start"] = timing.matmul_peak_flops(args.matmul_n, repeats=5 if args.quick else 10)
+    env = _common.environment(settings)
+    args.matmul_n = _common.peak_matmul_size() // (2 if args.quick else 1)
+    env["matmul_peak_flops_start"] = _common.matmul_peak_flops(args.matmul_n, repeats=5 if args.quick else 10)
     print(f"eager_vs_traced on {env['cpu']} ({env['cpu_count']} cores), jax {env['jax']} {env['backend']}, "
           f"peak {env['matmul_peak_flops_start'] / 1e9:.1f} GFLOP/s", file=sys.stderr)
     tx = make_optimizer("adam", LR)
@@ -376,16 +361,15 @@ def main(argv=None) -> None:
                 print(f"{model_name:>4} b{batch_size:<5} {mode:<6} {row['step_time_ms']:9.2f} ms "
                       f"(p10 {row['step_time_p10_ms']:.2f}, p90 {row['step_time_p90_ms']:.2f}, "
                       f"{row['timed_steps']} steps; first {row['first_step_s']:.2f} s)", file=sys.stderr, flush=True)
-    env["matmul_peak_flops_end"] = timing.matmul_peak_flops(args.matmul_n, repeats=5 if args.quick else 10)
+    env["matmul_peak_flops_end"] = _common.matmul_peak_flops(args.matmul_n, repeats=5 if args.quick else 10)
     env["matmul_peak_flops"] = max(env["matmul_peak_flops_start"], env["matmul_peak_flops_end"])
     analysis = analyse(rows, env["matmul_peak_flops"])
     wall_s = time.perf_counter() - t_start
 
     payload = {"command": command, "wall_s": wall_s, "environment": env,
                "rules": {"dispatch_factor": DISPATCH_FACTOR, "per_sample_gain": PER_SAMPLE_GAIN},
-               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
-               "rows": rows, "analysis": analysis}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+               "settings": _common.settings_record(args), "rows": rows, "analysis": analysis}
+    _common.write_results(args.out, payload)
     write_summary(args.out, rows, analysis, env, command, wall_s, args)
     plots = write_plots(args.out, rows, analysis)
     print("\n".join(markdown_tables(rows, analysis)))

@@ -26,9 +26,13 @@ within a ``jnp`` helper JAX jits internally such as ``log_softmax``) are not liv
 seen; allocator caching and fragmentation are not modelled in either mode. The two figures are the
 bytes of live tensors, the quantity a framework controls.
 
+The convolutions XLA:CPU compiles run on Eigen here whatever graphduo's default (``_common.setup``,
+recorded in results.json): the traced figures are XLA's plan for the library that runs each
+convolution, and pinning it keeps runs comparable from one graphduo release to the next.
+
 Run:
-    python experiments/memory.py            # full run, a few minutes on 2 cores
-    python experiments/memory.py --quick    # smoke test, under a minute (MLP, batch 1 and 64)
+    python experiments/memory.py            # full run
+    python experiments/memory.py --quick    # smoke test: MLP, batch 1 and 64
     python experiments/memory.py --out DIR --models cnn --batch-sizes 1,64,1024
 
 Writes ``DIR/results.json`` (every case, the per-op live-bytes trace of the largest batch, the
@@ -39,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import pathlib
 import sys
 import time
@@ -48,28 +50,17 @@ from typing import Any
 
 import jax
 import jax.extend.core as jex_core
-import numpy as np
 
-import _args  # experiments/_args.py
-from graphduo import runtime, timing
+import _common  # experiments/_common.py
+from _common import INPUT_SHAPE, LR, NUM_CLASSES, make_batch
 from graphduo.eager import EagerStep
 from graphduo.graphs import run_equation
 from graphduo.models import build_model, count_params
 from graphduo.step import create_train_state, make_optimizer, make_train_step
 from graphduo.traced import TracedStep
 
-INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
-LR = 1e-3
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "memory"
+DEFAULT_OUT = _common.default_out("memory")
 MiB = 2**20
-
-
-def make_batch(batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
-    rng = np.random.default_rng(seed)
-    batch = {"image": rng.random((batch_size, *INPUT_SHAPE), dtype=np.float32),
-             "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)}
-    return jax.block_until_ready(jax.device_put(batch))
 
 
 def nbytes(x) -> int:
@@ -257,7 +248,7 @@ def write_summary(out: pathlib.Path, rows, env, command: str, wall_s: float) -> 
         "",
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s.  ",
-        f"Machine: {timing.describe_machine(env)}.",
+        f"Machine: {_common.describe_machine(env)}.",
         "",
         "Models: MLP 784-512-512-10 and CNN conv32-pool-conv64-pool-dense128, Adam lr 1e-3, 28x28x1 float32 "
         "inputs. All figures in MiB.",
@@ -292,16 +283,12 @@ def write_summary(out: pathlib.Path, rows, env, command: str, wall_s: float) -> 
         "",
         *(p + "\n" for p in reading(rows)),
     ]
-    (out / "SUMMARY.md").write_text("\n".join(text))
+    _common.write_summary(out, text)
 
 
 def write_plot(out: pathlib.Path, rows: list[dict]) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot", file=sys.stderr)
+    plt = _common.pyplot()
+    if plt is None:
         return []
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
@@ -331,16 +318,16 @@ def write_plot(out: pathlib.Path, rows: list[dict]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _args.make_parser(
+    parser = _common.make_parser(
         __doc__, "Peak memory of one Adam training step of the MLP and the CNN over batch sizes 1..1024: "
                  "traced from XLA's memory analysis, eager from live-array accounting during an op-by-op "
                  "replay of the step.")
-    parser.add_argument("--quick", action="store_true", help="smoke test in under a minute: MLP only, batch 1 and 64")
+    parser.add_argument("--quick", action="store_true", help="smoke test: MLP only, batch 1 and 64")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
-                        help=_args.out_help("results.json, SUMMARY.md and memory.png", DEFAULT_OUT))
-    parser.add_argument("--models", type=_args.models, default=None,
-                        help=f"comma-separated models, of {', '.join(_args.MODELS)} (default mlp,cnn; --quick: mlp)")
-    parser.add_argument("--batch-sizes", type=_args.batch_sizes, default=None,
+                        help=_common.out_help("results.json, SUMMARY.md and memory.png", DEFAULT_OUT))
+    parser.add_argument("--models", type=_common.models, default=None,
+                        help=f"comma-separated models, of {', '.join(_common.MODELS)} (default mlp,cnn; --quick: mlp)")
+    parser.add_argument("--batch-sizes", type=_common.batch_sizes, default=None,
                         help="comma-separated batch sizes (default 1,2,4,...,1024; --quick: 1,64)")
     return parser
 
@@ -348,20 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.models = args.models or (["mlp"] if args.quick else list(_args.MODELS))
+    args.models = args.models or (["mlp"] if args.quick else list(_common.MODELS))
     args.batch_sizes = args.batch_sizes or ([1, 64] if args.quick else [2**i for i in range(11)])
-    args.out = _args.check_out(parser, args.out)
+    args.out = _common.check_out(parser, args.out)
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    # As the CLI, but with XLA's convolutions: XLA's memory analysis cannot see inside oneDNN's calls
-    # (their scratch memory and reordered kernels are oneDNN's own), so the traced figure would miss it.
-    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings("eigen")  # before any JAX computation
-    command = timing.command_line(argv)
+    # Eigen convolutions, named rather than left to the CLI's default: the traced figures are XLA's
+    # buffer plan, which differs with the library that runs each convolution, and a default may change.
+    settings = _common.setup(cpu_convolutions="eigen")  # before any JAX computation
+    command = _common.command_line(argv)
     t_start = time.perf_counter()
-    env = timing.environment()
+    env = _common.environment(settings)
     tx = make_optimizer("adam", LR)
     rows = []
     for model_name in args.models:
@@ -383,9 +370,8 @@ def main(argv=None) -> None:
     wall_s = time.perf_counter() - t_start
 
     payload = {"command": command, "wall_s": wall_s, "environment": env,
-               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
-               "rows": rows}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+               "settings": _common.settings_record(args), "rows": rows}
+    _common.write_results(args.out, payload)
     write_summary(args.out, rows, env, command, wall_s)
     plots = write_plot(args.out, rows)
     print("\n".join(markdown_tables(rows)))

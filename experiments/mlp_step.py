@@ -5,42 +5,47 @@ It times graphduo's traced Adam training step of the default MLP (784-512-512-10
 10 classes) as shipped against variants that compute the same function, all in one process, from
 the same weights on the same batch, interleaved over rounds:
 
-* ``shipped``:         ``TracedStep(make_train_step(mlp_apply, adam))``, as graphduo runs it: its
-                       matmuls are ``models.matmul``, whose weight gradient XLA:CPU gives to YNNPACK.
+* ``shipped``:         ``TracedStep(make_train_step(mlp_apply, adam))``, as graphduo runs it: plain
+                       ``x @ w + b`` layers, so each weight gradient is ``jax.grad``'s own dot, which
+                       contracts the batch axis (the first of both operands).
 * ``flax``:            the same step around Flax's ``module.apply``.
-* ``eigen-dots``:      every dot on Eigen (jaxlib 0.10's XLA gives YNNPACK the dots that contract the
-                       left operand's last axis, Eigen the rest; the shipped step has no other kind).
+* ``transposed-weight-gradients``: each weight gradient a dot of an explicit copy of the layer's
+                       input transposed (``transposed_matmul``): a dot that contracts its left operand's
+                       last axis, which XLA:CPU hands to YNNPACK where it runs the batch-contracting
+                       one on Eigen (seen in jaxlib 0.10.2 and 0.12.0.1). graphduo's step used it
+                       while its models were tuned to jaxlib 0.10.
+* ``eigen-dots``:      every dot on Eigen (no dot left to YNNPACK).
 * ``xnnpack-dots``:    every dot on XNNPACK.
 * ``onednn-dots``:     every dot on XLA's own oneDNN fusions (``xla_cpu_use_onednn``).
 * ``no-param-copies``: XLA's copy insertion with region analysis, which drops the copies it makes of
-                       three parameters before it updates them in place.
+                       parameters before it updates them in place.
 * ``one-hot-loss``:    the cross-entropy against one-hot labels (no gather forward, no scatter
                        backward; the same values for finite logits).
-* ``eigen-weight-gradients``: each weight gradient as ``jax.grad`` writes it, a dot contracting the
-                       batch axis, which XLA:CPU runs on Eigen: graphduo's step before
-                       ``models.matmul`` (each weight gradient a YNNPACK dot of an explicit copy of
-                       the layer's input transposed), and Flax's.
 * ``onednn-sgemm``:    every matmul of the dense layers (forward, input and weight gradients) a call
-                       of oneDNN's ``dnnl_sgemm`` through graphduo's FFI plumbing
-                       (``graphduo.onednn.ffi_handler``), the way the CNN's convolutions reach oneDNN:
+                       of oneDNN's ``dnnl_sgemm`` through the FFI plumbing of ``experiments/_onednn.py``
+                       (``_onednn.ffi_handler``), the way ``cnn_step.py``'s convolutions reach oneDNN:
                        the GEMM reads and writes XLA's buffers, on oneDNN's OpenMP threads.
 and one reference that computes less:
 * ``gradient-only``:   the loss and its gradient without the Adam update: what Adam costs.
 
 The XLA options go to this variant's compile alone (``Lowered.compile(compiler_options=...)``), so
-every variant runs in the same process. In every round, right before ``shipped``, the matmul
-ceiling (``graphduo.timing.matmul_peak_flops``) is measured; a variant's fraction of peak is the
-median over rounds of its FLOP rate over that round's ceiling (FLOPs: XLA's cost analysis of the
-shipped step, which every full variant computes; of its own step for ``gradient-only``). Each of
-the step's eight matmuls is also timed alone, as XLA compiles it (20 calls dispatched back to
-back, so each carries a share of JAX's dispatch; a weight gradient both as shipped and as
-``jax.grad``'s batch-contracting dot) and as a direct ``dnnl_sgemm`` call (ctypes, the GIL
-released): the kernels' own rates beside the step's. And Adam's update alone (the step's
-``tx.update`` and ``optax.apply_updates`` on its gradients, 20 calls back to back), which with each
-matmul at the fastest of its kernels estimates how fast a step that runs these kernels one after
-another can be: its time, and its FLOP rate as a fraction of the ceiling (the rest of the step,
-loss, ReLUs, bias adds and metrics, is left out; each part timed alone pays its own dispatch and
-cache misses, so not a strict bound).
+every variant runs in the same process. They are XLA:CPU's own and come and go with jaxlib releases:
+a jaxlib that does not know one refuses the compile, and the variant is recorded as not available in
+that jaxlib, with one line, while the others are measured. So is ``onednn-sgemm`` where oneDNN cannot
+load (it needs the ``onednn`` extra, on Linux x86-64): results.json and SUMMARY.md say why.
+
+In every round, right before ``shipped``, the matmul ceiling (``_common.matmul_peak_flops``) is
+measured; a variant's fraction of peak is the median over rounds of its FLOP rate over that round's
+ceiling (FLOPs: XLA's cost analysis of the shipped step, which every full variant computes; of its
+own step for ``gradient-only``). Each of the step's eight matmuls is also timed alone, as XLA
+compiles it (20 calls dispatched back to back, so each carries a share of JAX's dispatch; a weight
+gradient both as shipped and as ``transposed-weight-gradients`` computes it) and, where oneDNN
+loads, as a direct ``dnnl_sgemm`` call (ctypes, the GIL released): the kernels' own rates beside the
+step's. And Adam's update alone (the step's ``tx.update`` and ``optax.apply_updates`` on its
+gradients, 20 calls back to back), which with each matmul at the fastest of its kernels estimates
+how fast a step that runs these kernels one after another can be: its time, and its FLOP rate as a
+fraction of the ceiling (the rest of the step, loss, ReLUs, bias adds and metrics, is left out; each
+part timed alone pays its own dispatch and cache misses, so not a strict bound).
 
 Same function: every variant trains 3 steps from the same weights on the same 3 batches; its losses
 must match shipped's (relative 1e-4: float32 summation order; a wrong formulation is off by far more
@@ -48,11 +53,12 @@ from the first step); ``gradient-only``'s first loss, the only one it computes f
 
 oneDNN's OpenMP threads: ``OMP_WAIT_POLICY`` is read once, when oneDNN's OpenMP runtime loads, so
 the script sets it first thing: ``passive`` (default) lets the threads sleep as soon as a GEMM ends
-instead of spinning on the cores XLA's next kernels need; ``active`` keeps them spinning.
+instead of spinning on the cores XLA's next kernels need; ``active`` keeps them spinning. The process
+runs with graphduo's CLI defaults otherwise (``_common.setup``), recorded in results.json.
 
 Run:
-    python experiments/mlp_step.py            # batch 256, 5 rounds, about two minutes
-    python experiments/mlp_step.py --quick    # smoke test: batch 32, 1 round, under a minute
+    python experiments/mlp_step.py            # batch 256, 5 rounds
+    python experiments/mlp_step.py --quick    # smoke test: batch 32, 1 round
     python experiments/mlp_step.py --omp-wait-policy active --out DIR
 
 Writes ``DIR/results.json`` (every per-round time, the losses, the environment), ``DIR/SUMMARY.md`` and,
@@ -71,12 +77,15 @@ import statistics
 import sys
 import time
 
-import _args  # experiments/_args.py
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "mlp_step"
-INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
-LR = 1e-3
+import _common  # experiments/_common.py
+import _onednn  # experiments/_onednn.py: loads oneDNN only when first asked to
+from _common import INPUT_SHAPE, LR, NUM_CLASSES
+
+DEFAULT_OUT = _common.default_out("mlp_step")
 CHECK_STEPS = 3
 LOSS_RTOL = 1e-4
 PEAK_REPEATS = 5
@@ -85,6 +94,8 @@ ADAM_CALLS = 20
 OMP_WAIT_POLICIES = ("passive", "active")
 BASELINE = "shipped"
 REFERENCE = "gradient-only"  # computes less than a full step: no ratio against the goals
+TRANSPOSED = "transposed-weight-gradients"
+SGEMM = "onednn-sgemm"
 _NO_YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 COMPILER_OPTIONS = {
     "eigen-dots": _NO_YNN_DOTS,
@@ -93,30 +104,71 @@ COMPILER_OPTIONS = {
                     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
     "no-param-copies": {"xla_cpu_copy_insertion_use_region_analysis": True},
 }
-VARIANTS = ("shipped", "flax", "eigen-dots", "xnnpack-dots", "onednn-dots", "no-param-copies", "one-hot-loss",
-            "eigen-weight-gradients", "onednn-sgemm", REFERENCE)
+VARIANTS = ("shipped", "flax", TRANSPOSED, "eigen-dots", "xnnpack-dots", "onednn-dots", "no-param-copies",
+            "one-hot-loss", SGEMM, REFERENCE)
 
 
 # ---------------------------------------------------------------------------------------------
-# oneDNN's sgemm as an XLA FFI call, with its gradients.
+# The weight gradient from a transposed copy (transposed-weight-gradients).
+
+
+@jax.jit
+def transposed_weight_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    """``x.T @ g`` from an explicit copy of ``x.T``: ``lax.optimization_barrier`` keeps XLA from
+    folding the transpose back into the dot, which leaves a dot of the canonical form (left operand
+    contracted on its last axis) where ``jax.grad``'s contracts the batch axis of both operands; the
+    two forms can go to different libraries on XLA:CPU. One ``jax.jit`` function: in eager mode one
+    dispatched op, as the dot it replaces."""
+    return jax.lax.optimization_barrier(x.T) @ g
+
+
+@jax.custom_vjp
+def transposed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` for a batch ``x`` (N, K) and a weight ``w`` (K, M), the same values and gradients,
+    its weight gradient ``transposed_weight_gradient``. The input gradient is ``jax.grad``'s own dot,
+    and either gradient is computed only when asked for (``symbolic_zeros``: no input gradient for a
+    batch of data, as with plain ``x @ w``)."""
+    return x @ w
+
+
+def _transposed_matmul_fwd(x, w):
+    # x and w are CustomVJPPrimal: keep only what the gradients that will be asked for need
+    return x.value @ w.value, (x.value if w.perturbed else None, w.value if x.perturbed else None)
+
+
+def _transposed_matmul_bwd(res, g):
+    x, w = res
+    dx = None if w is None else jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())))
+    return dx, None if x is None else transposed_weight_gradient(x, g)
+
+
+transposed_matmul.defvjp(_transposed_matmul_fwd, _transposed_matmul_bwd, symbolic_zeros=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# oneDNN's sgemm as an XLA FFI call, with its gradients (onednn-sgemm).
 
 _SGEMM_TARGETS = {"nn": (b"N", b"N"), "tn": (b"T", b"N"), "nt": (b"N", b"T")}  # op(a) @ op(b), row-major
 _sgemm_handlers: dict = {}  # kept alive: XLA holds only their addresses
 
 
-def _register_sgemm() -> None:
-    from graphduo import onednn
-
-    if _sgemm_handlers:
-        return
-    sgemm = onednn.library().dnnl_sgemm
+def _dnnl_sgemm():
+    """libdnnl's ``dnnl_sgemm`` with its argument types (``_onednn.OneDNNUnavailable`` if it cannot load)."""
+    sgemm = _onednn.library().dnnl_sgemm
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     sgemm.argtypes = [ctypes.c_char, ctypes.c_char, i64, i64, i64, f32, ptr, i64, ptr, i64, f32, ptr, i64]
     sgemm.restype = ctypes.c_int
+    return sgemm
+
+
+def _register_sgemm() -> None:
+    if _sgemm_handlers:
+        return
+    sgemm = _dnnl_sgemm()
 
     def gemm(trans_a: bytes, trans_b: bytes):
         def run(frame):
-            (a, b), (out,) = onednn.frame_buffers(frame)
+            (a, b), (out,) = _onednn.frame_buffers(frame)
             if a.rank != 2 or b.rank != 2 or out.rank != 2:
                 raise ValueError("sgemm takes two matrices")
             a0, a1, b0, b1 = a.dims[0], a.dims[1], b.dims[0], b.dims[1]
@@ -130,22 +182,17 @@ def _register_sgemm() -> None:
         return run
 
     for name, (ta, tb) in _SGEMM_TARGETS.items():
-        handler = onednn.ffi_handler(gemm(ta, tb), f"oneDNN sgemm ({name})")
-        onednn.register_handler(f"mlp_step_sgemm_{name}", handler)
+        handler = _onednn.ffi_handler(gemm(ta, tb), f"oneDNN sgemm ({name})")
+        _onednn.register_handler(f"mlp_step_sgemm_{name}", handler)
         _sgemm_handlers[name] = handler
 
 
 def _sgemm(kind: str, a, b, shape):
-    import jax
-    import jax.numpy as jnp
-
     return jax.ffi.ffi_call(f"mlp_step_sgemm_{kind}", jax.ShapeDtypeStruct(shape, jnp.float32))(a, b)
 
 
 def sgemm_matmul():
     """``matmul(x, w) = x @ w`` on oneDNN's sgemm, its gradients too (``g @ w.T``, ``x.T @ g``)."""
-    import jax
-
     _register_sgemm()
 
     @jax.custom_vjp
@@ -184,26 +231,20 @@ def _mlp_apply_with(matmul):
 
 def one_hot_cross_entropy(logits, labels):
     """``graphduo.step.cross_entropy`` as a sum against one-hot labels."""
-    import jax
-    import jax.numpy as jnp
-
     one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * one_hot, axis=-1))
 
 
 def step_function(name: str, model, tx):
     """The pure ``step(state, batch) -> (state, metrics)`` of variant ``name``."""
-    import jax
-    import jax.numpy as jnp
-
     from graphduo import step as graphduo_step
 
     if name == "flax":
         return graphduo_step.make_train_step(lambda p, x: model.module.apply({"params": p}, x), tx)
-    if name == "onednn-sgemm":
+    if name == SGEMM:
         return graphduo_step.make_train_step(_mlp_apply_with(sgemm_matmul()), tx)
-    if name == "eigen-weight-gradients":
-        return graphduo_step.make_train_step(_mlp_apply_with(jnp.matmul), tx)
+    if name == TRANSPOSED:
+        return graphduo_step.make_train_step(_mlp_apply_with(transposed_matmul), tx)
     if name == REFERENCE:
         def gradient_only(state, batch):
             def loss(params):
@@ -225,23 +266,42 @@ def step_function(name: str, model, tx):
     return one_hot_step
 
 
-def build_steps(model, tx, state, batch) -> dict:
-    """Every variant compiled once for ``(state, batch)``: ``{name: (callable, XLA's FLOPs per call)}``."""
-    import jax
+def _unknown_option(err: Exception, options: dict) -> bool:
+    """Whether a compile failed because this jaxlib does not know one of ``options``: it then
+    refuses the compile (``No such compile option``) rather than ignore the option."""
+    text = str(err)
+    return "compile option" in text.lower() or any(name in text for name in options)
 
+
+def build_steps(model, tx, state, batch, variants=VARIANTS) -> tuple[dict, dict[str, str]]:
+    """Every variant compiled once for ``(state, batch)``: ``{name: (callable, XLA's FLOPs per call)}``,
+    and ``{name: one line}`` for the variants this process cannot run (a compiler option this jaxlib
+    does not know, oneDNN that does not load)."""
+    from graphduo.runtime import jaxlib_version
     from graphduo.traced import TracedStep
 
-    steps = {}
-    for name in VARIANTS:
+    steps, unavailable = {}, {}
+    for name in variants:
+        if name == SGEMM and (reason := _onednn.available()) is not None:
+            unavailable[name] = f"oneDNN unavailable: {reason}"
+            continue
         fn = step_function(name, model, tx)
         if name == BASELINE:
             traced = TracedStep(fn, donate_argnums=0)
             steps[name] = (traced, traced.stages(state, batch).cost_analysis()["flops"])
             continue
-        compiled = jax.jit(fn, donate_argnums=0).lower(state, batch).compile(COMPILER_OPTIONS.get(name))
+        options = COMPILER_OPTIONS.get(name)
+        try:
+            compiled = jax.jit(fn, donate_argnums=0).lower(state, batch).compile(options)
+        except jax.errors.JaxRuntimeError as err:
+            if not options or not _unknown_option(err, options):
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            unavailable[name] = f"not available in jaxlib {jaxlib_version()}: {first}"
+            continue
         cost = compiled.cost_analysis()
         steps[name] = (compiled, float((cost[0] if isinstance(cost, list) else cost)["flops"]))
-    return steps
+    return steps, unavailable
 
 
 def check_losses(steps, fresh_state, batches) -> dict:
@@ -281,7 +341,6 @@ def matmul_shapes(params, batch_size: int) -> list[dict]:
 def adam_update(tx):
     """The shipped step's optimizer update alone, ``update(state, grads) -> state``: ``tx.update`` and
     ``optax.apply_updates`` as ``graphduo.step.make_train_step`` runs them, state donated."""
-    import jax
     import optax
 
     from graphduo.step import TrainState
@@ -296,8 +355,6 @@ def adam_update(tx):
 def time_adam(update, state, grads, calls: int = ADAM_CALLS):
     """``(state, ms per call)``: ``calls`` updates dispatched back to back, then one wait (the way the
     matmuls alone are timed: each call carries a share of JAX's dispatch)."""
-    import jax
-
     state = jax.block_until_ready(update(state, grads))
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -306,16 +363,10 @@ def time_adam(update, state, grads, calls: int = ADAM_CALLS):
     return state, (time.perf_counter() - t0) / calls * 1e3
 
 
-def time_matmuls(shapes, calls: int = MATMUL_CALLS) -> list[dict]:
-    """Each matmul alone: XLA (``calls`` jitted calls back to back, then one wait) and a direct
-    ``dnnl_sgemm`` call (timed ``calls`` times in a row); ms per call."""
-    import jax
-    import numpy as np
-
-    from graphduo import models, onednn
-
-    _register_sgemm()
-    sgemm = onednn.library().dnnl_sgemm
+def time_matmuls(shapes, calls: int = MATMUL_CALLS, *, sgemm: bool = True) -> list[dict]:
+    """Each matmul alone: XLA (``calls`` jitted calls back to back, then one wait) and, with
+    ``sgemm``, a direct ``dnnl_sgemm`` call (timed ``calls`` times in a row); ms per call."""
+    dnnl_sgemm = _dnnl_sgemm() if sgemm else None
     rng = np.random.default_rng(0)
     out = []
     for s in shapes:
@@ -323,39 +374,33 @@ def time_matmuls(shapes, calls: int = MATMUL_CALLS) -> list[dict]:
         b = rng.standard_normal(s["b"], dtype=np.float32)
         kind = s["kind"]
         xa, xb = jax.device_put(a), jax.device_put(b)
-        plain = _plain_dot(kind)
-        # the shipped step's weight gradient: YNNPACK's dot of an explicit copy of x.T
-        xla_ms = _time_xla(models._weight_gradient if kind == "tn" else plain, xa, xb, calls)
-        row = {"name": s["name"], "xla_ms": xla_ms}
-        if kind == "tn":  # and jax.grad's own dot, contracting the batch axis: Eigen's
-            row["xla_batch_contracting_ms"] = _time_xla(plain, xa, xb, calls)
-        ta, tb = _SGEMM_TARGETS[kind]
-        m = a.shape[1] if kind == "tn" else a.shape[0]
-        k = a.shape[0] if kind == "tn" else a.shape[1]
-        n = b.shape[0] if kind == "nt" else b.shape[1]
-        c = np.empty((m, n), np.float32)
-        args = (ta, tb, m, n, k, 1.0, a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], 0.0, c.ctypes.data, n)
-        sgemm(*args)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            sgemm(*args)
-        onednn_ms = (time.perf_counter() - t0) / calls * 1e3
-        out.append({**row, "onednn_sgemm_ms": onednn_ms})
+        row = {"name": s["name"], "xla_ms": _time_xla(_plain_dot(kind), xa, xb, calls)}  # as shipped
+        if kind == "tn":  # and as transposed-weight-gradients computes it
+            row["xla_transposed_ms"] = _time_xla(transposed_weight_gradient, xa, xb, calls)
+        if dnnl_sgemm is not None:
+            ta, tb = _SGEMM_TARGETS[kind]
+            m = a.shape[1] if kind == "tn" else a.shape[0]
+            k = a.shape[0] if kind == "tn" else a.shape[1]
+            n = b.shape[0] if kind == "nt" else b.shape[1]
+            c = np.empty((m, n), np.float32)
+            args = (ta, tb, m, n, k, 1.0, a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], 0.0, c.ctypes.data, n)
+            dnnl_sgemm(*args)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                dnnl_sgemm(*args)
+            row["onednn_sgemm_ms"] = (time.perf_counter() - t0) / calls * 1e3
+        out.append(row)
     return out
 
 
 @functools.cache
 def _plain_dot(kind: str):
     """``op(a) @ op(b)`` for a ``_SGEMM_TARGETS`` kind, jitted once per kind (not once per round)."""
-    import jax
-
     return jax.jit(lambda x, y: (x.T if kind == "tn" else x) @ (y.T if kind == "nt" else y))
 
 
 def _time_xla(fn, a, b, calls: int) -> float:
     """ms per call of a jitted ``fn(a, b)``: ``calls`` calls back to back, then one wait."""
-    import jax
-
     jax.block_until_ready(fn(a, b))
     t0 = time.perf_counter()
     jax.block_until_ready([fn(a, b) for _ in range(calls)])
@@ -366,9 +411,6 @@ def _time_xla(fn, a, b, calls: int) -> float:
 # Measure, analyse, report.
 
 def measure(args) -> dict:
-    import jax
-    import numpy as np
-
     from graphduo import timing
     from graphduo.models import build_model
     from graphduo.step import create_train_state, make_optimizer
@@ -376,44 +418,45 @@ def measure(args) -> dict:
     model = build_model("mlp", INPUT_SHAPE, NUM_CLASSES)
     tx = make_optimizer("adam", LR)
     rng = np.random.default_rng(0)
-    batches = [jax.device_put({"image": rng.random((args.batch_size, *INPUT_SHAPE), dtype=np.float32),
-                               "label": rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int32)})
-               for _ in range(CHECK_STEPS)]
+    batches = [jax.device_put(_common.host_batch(args.batch_size, rng=rng)) for _ in range(CHECK_STEPS)]
 
     def fresh_state():
         return create_train_state(model, tx, jax.random.key(0))
 
-    steps = build_steps(model, tx, fresh_state(), batches[0])
+    steps, unavailable = build_steps(model, tx, fresh_state(), batches[0])
+    for name, reason in unavailable.items():
+        print(f"[mlp_step] {name}: {reason}", file=sys.stderr)
     checks = check_losses(steps, fresh_state, batches)
     print(f"[mlp_step] loss check over {CHECK_STEPS} steps: max rel diff {checks['max_rel_diff']:.1e} "
           f"({'ok' if checks['ok'] else 'MISMATCH'})", file=sys.stderr)
-    states = {name: fresh_state() for name in VARIANTS}
+    names = [name for name in VARIANTS if name in steps]
+    states = {name: fresh_state() for name in names}
     counts = {}
     for name, (step, _) in steps.items():  # probe: a rough step time to size the measurements
         states[name], _, t = timing.time_steps(step, states[name], [batches[0]] * 5, warmup=1)
-        counts[name] = int(min(300, max(5, round(args.budget / (t.median_ms / 1e3)))))
+        counts[name] = _common.steps_for(t.median_ms / 1e3, args.budget, 5, 300)
     shapes = matmul_shapes(states[BASELINE].params, args.batch_size)
     update = adam_update(tx)
     adam_state = fresh_state()
     grads = steps[REFERENCE][0](fresh_state(), batches[0])[1]["grads"]
     rounds = []
     for r in range(args.rounds):
-        order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+        order = names if r % 2 == 0 else names[::-1]
         rnd = {"steps": {}}
         for name in order:
             if name == BASELINE:
-                rnd["matmul_peak_flops"] = timing.matmul_peak_flops(repeats=PEAK_REPEATS)
+                rnd["matmul_peak_flops"] = _common.matmul_peak_flops(repeats=PEAK_REPEATS)
             step = steps[name][0]
             states[name], _, t = timing.time_steps(step, states[name], [batches[0]] * (3 + counts[name]), warmup=2)
             rnd["steps"][name] = {"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms}
-        rnd["matmuls"] = time_matmuls(shapes)
+        rnd["matmuls"] = time_matmuls(shapes, sgemm=SGEMM in steps)
         adam_state, rnd["adam_update_ms"] = time_adam(update, adam_state, grads)
         rounds.append(rnd)
         print(f"[mlp_step] round {r + 1}/{args.rounds}: " + "  ".join(
-            f"{n} {rnd['steps'][n]['median_ms']:.2f}" for n in VARIANTS) + f" ms; Adam alone "
+            f"{n} {rnd['steps'][n]['median_ms']:.2f}" for n in names) + f" ms; Adam alone "
             f"{rnd['adam_update_ms']:.2f} ms; matmul {rnd['matmul_peak_flops'] / 1e9:.0f} GFLOP/s", file=sys.stderr)
     return {"batch_size": args.batch_size, "flops": {n: f for n, (_, f) in steps.items()}, "checks": checks,
-            "timed_steps_per_round": counts, "matmul_shapes": shapes, "rounds": rounds,
+            "unavailable": unavailable, "timed_steps_per_round": counts, "matmul_shapes": shapes, "rounds": rounds,
             "compiler_options": {n: COMPILER_OPTIONS.get(n, {}) for n in VARIANTS}}
 
 
@@ -421,7 +464,7 @@ def analyse(result: dict) -> dict:
     rounds = result["rounds"]
     full_flops = result["flops"][BASELINE]
     variants = {}
-    for name in VARIANTS:
+    for name in (n for n in VARIANTS if n in rounds[0]["steps"]):
         ms = [r["steps"][name]["median_ms"] for r in rounds]
         speedups = [r["steps"][BASELINE]["median_ms"] / r["steps"][name]["median_ms"] for r in rounds]
         flops = result["flops"][name] if name == REFERENCE else full_flops
@@ -434,16 +477,15 @@ def analyse(result: dict) -> dict:
                           "peak_fraction_range": [min(fractions), max(fractions)]}
     matmuls = []
     for i, s in enumerate(result["matmul_shapes"]):
-        xla = statistics.median(r["matmuls"][i]["xla_ms"] for r in rounds)
-        dnnl = statistics.median(r["matmuls"][i]["onednn_sgemm_ms"] for r in rounds)
-        matmuls.append({"name": s["name"], "flops": s["flops"], "xla_ms": xla, "onednn_sgemm_ms": dnnl})
-        if "xla_batch_contracting_ms" in rounds[0]["matmuls"][i]:
-            matmuls[-1]["xla_batch_contracting_ms"] = statistics.median(
-                r["matmuls"][i]["xla_batch_contracting_ms"] for r in rounds)
+        # every kernel this round timed for this matmul: XLA's as shipped, the transposed copy's, oneDNN's
+        kernels = [k for k in rounds[0]["matmuls"][i] if k.endswith("_ms")]
+        matmuls.append({"name": s["name"], "flops": s["flops"],
+                        **{k: statistics.median(r["matmuls"][i][k] for r in rounds) for k in kernels}})
     peaks = [r["matmul_peak_flops"] for r in rounds]
+    sgemm = all("onednn_sgemm_ms" in m for m in matmuls)
     return {"variants": variants, "matmuls": matmuls, "matmul_peak_flops": [min(peaks), max(peaks)],
             "matmuls_alone_ms": {"xla": sum(m["xla_ms"] for m in matmuls),
-                                 "onednn_sgemm": sum(m["onednn_sgemm_ms"] for m in matmuls)},
+                                 "onednn_sgemm": sum(m["onednn_sgemm_ms"] for m in matmuls) if sgemm else None},
             "adam_update_ms": statistics.median(r["adam_update_ms"] for r in rounds),
             "parts_estimate": parts_estimate(rounds, full_flops)}
 
@@ -477,18 +519,22 @@ def variant_rows(analysis: dict) -> list[str]:
 
 
 def matmul_rows(analysis: dict) -> list[str]:
-    rows = ["| matmul | MFLOP | XLA ms (GFLOP/s), as shipped | XLA, jax.grad's batch-contracting dot (Eigen) | "
+    rows = ["| matmul | MFLOP | XLA ms (GFLOP/s), as shipped | XLA, the transposed copy's dot | "
             "oneDNN sgemm ms (GFLOP/s) | oneDNN / XLA speed |", "|---|---|---|---|---|---|"]
+
+    def cell(m, key):
+        ms = m.get(key)
+        return "n/a" if ms is None else f"{ms:.3f} ({m['flops'] / (ms / 1e3) / 1e9:.0f})"
+
     for m in analysis["matmuls"]:
-        rate = lambda ms: m["flops"] / (ms / 1e3) / 1e9  # noqa: E731
-        eigen = m.get("xla_batch_contracting_ms")
-        rows.append(f"| {m['name']} | {m['flops'] / 1e6:.1f} | {m['xla_ms']:.3f} ({rate(m['xla_ms']):.0f}) | "
-                    + (f"{eigen:.3f} ({rate(eigen):.0f}) | " if eigen else "| ")
-                    + f"{m['onednn_sgemm_ms']:.3f} ({rate(m['onednn_sgemm_ms']):.0f}) | "
-                    f"{m['xla_ms'] / m['onednn_sgemm_ms']:.2f}x |")
+        speed = f"{m['xla_ms'] / m['onednn_sgemm_ms']:.2f}x" if "onednn_sgemm_ms" in m else "n/a"
+        transposed = cell(m, "xla_transposed_ms") if "xla_transposed_ms" in m else ""
+        rows.append(f"| {m['name']} | {m['flops'] / 1e6:.1f} | {cell(m, 'xla_ms')} | {transposed} | "
+                    f"{cell(m, 'onednn_sgemm_ms')} | {speed} |")
     alone = analysis["matmuls_alone_ms"]
+    dnnl = alone["onednn_sgemm"]
     rows.append(f"| all {len(analysis['matmuls'])} | {sum(m['flops'] for m in analysis['matmuls']) / 1e6:.1f} | "
-                f"{alone['xla']:.2f} | | {alone['onednn_sgemm']:.2f} | {alone['xla'] / alone['onednn_sgemm']:.2f}x |")
+                f"{alone['xla']:.2f} | | " + (f"{dnnl:.2f} | {alone['xla'] / dnnl:.2f}x |" if dnnl else "n/a | n/a |"))
     return rows
 
 
@@ -502,8 +548,8 @@ def parts_lines(result: dict) -> list[str]:
             f"[{100 * f['peak_fraction_range'][0]:.1f}-{100 * f['peak_fraction_range'][1]:.1f}] "
             f"({result['flops'][BASELINE] / 1e6:.1f} MFLOP a step): an estimate of how fast a step that runs "
             "these kernels one after another, as XLA:CPU runs this one's, can be. The loss, ReLUs, bias adds and "
-            "metrics are left out, but each part timed alone also carries a share of JAX's dispatch (about "
-            "10-20 us a call) and its own cache misses, so it is not a strict bound (shipped: "
+            "metrics are left out, but each part timed alone also carries a share of JAX's dispatch and its "
+            "own cache misses, so it is not a strict bound (shipped: "
             f"{shipped['median_ms']:.2f} ms, {100 * shipped['peak_fraction']:.1f}%"
             + ("; faster than its parts alone)." if shipped["median_ms"] < f["ms"] else ").")]
 
@@ -511,12 +557,8 @@ def parts_lines(result: dict) -> list[str]:
 def write_plot(out: pathlib.Path, result: dict) -> str | None:
     """``out/step_time.png``: each variant's median ms per step with its per-round range, from the
     results dict (as written to results.json); its file name, or None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot", file=sys.stderr)
+    plt = _common.pyplot()
+    if plt is None:
         return None
     variants = result["analysis"]["variants"]
     names = list(variants)
@@ -537,9 +579,7 @@ def write_plot(out: pathlib.Path, result: dict) -> str | None:
     return "step_time.png"
 
 
-def write_summary(path: pathlib.Path, result: dict, plot: str | None = None) -> None:
-    from graphduo.timing import describe_machine
-
+def write_summary(out, result: dict, plot: str | None = None) -> None:
     analysis, checks = result["analysis"], result["checks"]
     best = min((v for n, v in analysis["variants"].items() if n != REFERENCE), key=lambda v: v["median_ms"])
     best_name = next(n for n, v in analysis["variants"].items() if v is best)
@@ -549,8 +589,8 @@ def write_summary(path: pathlib.Path, result: dict, plot: str | None = None) -> 
         f"Command: `{result['command']}`  ",
         f"Wall time: {result['wall_s']:.0f} s; batch {result['batch_size']}; {len(result['rounds'])} interleaved "
         f"round(s); OMP_WAIT_POLICY={result['omp_wait_policy']} for oneDNN's threads.  ",
-        f"Machine: {describe_machine(result['environment'])}.  ",
-        f"Matmul peak (`graphduo.timing.matmul_peak_flops`, measured in every round right before `shipped`): "
+        f"Machine: {_common.describe_machine(result['environment'])}.  ",
+        f"Matmul peak (`_common.matmul_peak_flops`, measured in every round right before `shipped`): "
         f"{lo / 1e9:.0f}-{hi / 1e9:.0f} GFLOP/s.", "",
         "## The step", "", *variant_rows(analysis), "",
         f"Fastest full step: {best_name}, {best['median_ms']:.2f} ms ({best['speedup_vs_shipped']:.2f}x shipped). "
@@ -560,44 +600,47 @@ def write_summary(path: pathlib.Path, result: dict, plot: str | None = None) -> 
         "ceiling.", "",
         "## Its matmuls alone", "", *matmul_rows(analysis), "",
         f"Median over rounds of ms per call. XLA: one jitted function per matmul, {MATMUL_CALLS} calls dispatched "
-        "back to back (each carries a share of JAX's dispatch, about 10-20 us): a dot, or for a weight "
-        "gradient as shipped `models._weight_gradient` (the copy of the input transposed and YNNPACK's dot); "
-        "oneDNN: `dnnl_sgemm` called directly, with oneDNN's own threads.", "",
+        "back to back (each carries a share of JAX's dispatch): a dot as the shipped step has it (a weight "
+        "gradient `jax.grad`'s, contracting the batch axis), and for a weight gradient also "
+        "`transposed_weight_gradient` (the copy of the input transposed and its dot); oneDNN: `dnnl_sgemm` "
+        "called directly, with oneDNN's own threads (n/a: oneDNN unavailable).", "",
         "## What these parts allow", "", *parts_lines(result), "",
         "## Same function", "",
         f"Losses of the first {CHECK_STEPS} steps from the same weights on the same batches ({REFERENCE}: its "
         f"first): max relative difference from shipped {checks['max_rel_diff']:.1e} (tolerance "
         f"{checks['tolerance']:g}): {'ok' if checks['ok'] else 'MISMATCH'}.", "",
         "## Variants", "",
-        "shipped: `TracedStep(make_train_step(models.mlp_apply, adam))`, its matmuls `models.matmul` (each "
-        "weight gradient a YNNPACK dot of an explicit copy of the layer's input transposed); flax: `module.apply`; eigen-, "
-        "xnnpack-, onednn-dots and no-param-copies: the shipped step compiled with "
-        + "; ".join(f"{n}: `{json.dumps(o)}`" for n, o in COMPILER_OPTIONS.items())
-        + "; one-hot-loss: the cross-entropy against `jax.nn.one_hot` labels; eigen-weight-gradients: plain "
-        "`x @ w`, each weight gradient `jax.grad`'s dot contracting the batch axis, which XLA:CPU runs on Eigen "
-        "(graphduo's step before `models.matmul`); onednn-sgemm: every dense "
+        "shipped: `TracedStep(make_train_step(models.mlp_apply, adam))`, plain `x @ w + b` layers (each "
+        "weight gradient `jax.grad`'s dot, contracting the batch axis); flax: `module.apply`; "
+        f"{TRANSPOSED}: each weight gradient a dot of an explicit copy of the layer's input transposed "
+        "(`transposed_matmul`); eigen-, xnnpack-, onednn-dots and no-param-copies: the shipped step compiled "
+        "with " + "; ".join(f"{n}: `{json.dumps(o)}`" for n, o in COMPILER_OPTIONS.items())
+        + "; one-hot-loss: the cross-entropy against `jax.nn.one_hot` labels; onednn-sgemm: every dense "
         "layer's matmul (and both its gradients) an FFI call of oneDNN's `dnnl_sgemm` on XLA's buffers "
-        f"(`graphduo.onednn.ffi_handler`); {REFERENCE}: `value_and_grad` of the loss, no update.",
+        f"(`_onednn.ffi_handler`); {REFERENCE}: `value_and_grad` of the loss, no update.",
     ]
+    unavailable = result.get("unavailable", {})
+    if unavailable:
+        lines += ["", "Not measured here: " + "; ".join(f"{n}, {why}" for n, why in unavailable.items()) + "."]
     if plot:
         lines += ["", f"![median ms per step by variant]({plot})"]
-    path.write_text("\n".join(lines) + "\n")
+    _common.write_summary(out, lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _args.make_parser(
+    parser = _common.make_parser(
         __doc__, "Time the default MLP's traced Adam training step as graphduo ships it against variants "
                  "that compute the same function (XLA's dot libraries and options, another loss "
                  "formulation, oneDNN's GEMM through JAX's FFI), each of its matmuls alone, and the "
                  "matmul ceiling, interleaved in one process; check all reach the same losses.")
     parser.add_argument("--quick", action="store_true", help="smoke test: batch 32, 1 round, short measurements")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
-                        help=_args.out_help("results.json, SUMMARY.md and step_time.png", DEFAULT_OUT))
-    parser.add_argument("--batch-size", type=_args.positive_int, default=None,
+                        help=_common.out_help("results.json, SUMMARY.md and step_time.png", DEFAULT_OUT))
+    parser.add_argument("--batch-size", type=_common.positive_int, default=None,
                         help="batch size (default 256; --quick: 32)")
-    parser.add_argument("--rounds", type=_args.positive_int, default=None,
+    parser.add_argument("--rounds", type=_common.positive_int, default=None,
                         help="interleaved rounds (default 5; --quick: 1)")
-    parser.add_argument("--budget", type=_args.positive_float, default=None,
+    parser.add_argument("--budget", type=_common.positive_float, default=None,
                         help="seconds of timed steps per variant per round (default 0.8; --quick: 0.1)")
     parser.add_argument("--omp-wait-policy", choices=OMP_WAIT_POLICIES, default="passive",
                         help="what oneDNN's OpenMP threads do between GEMMs (OMP_WAIT_POLICY, set before "
@@ -611,26 +654,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, quick, full in (("batch_size", 32, 256), ("rounds", 1, 5), ("budget", 0.1, 0.8)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
-    args.out = _args.check_out(parser, args.out)
+    args.out = _common.check_out(parser, args.out)
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # read once, when oneDNN's OpenMP runtime loads
-    from graphduo import onednn, runtime
-
-    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI, before any JAX computation
-    reason = onednn.available()
-    if reason is not None:
-        print(f"mlp_step.py: error: oneDNN is needed for the onednn-sgemm variant and the matmuls alone: {reason}",
-              file=sys.stderr)
-        raise SystemExit(2)
-    from graphduo import timing
-
-    command, t0 = timing.command_line(argv), time.perf_counter()
-    result = {"command": command, "omp_wait_policy": args.omp_wait_policy, "environment": timing.environment(),
-              **measure(args)}
+    settings = _common.setup()  # the CLI's process settings, before any JAX computation
+    command, t0 = _common.command_line(argv), time.perf_counter()
+    result = {"command": command, "omp_wait_policy": args.omp_wait_policy,
+              "environment": _common.environment(settings), **measure(args)}
     result["analysis"] = analyse(result)
     result["wall_s"] = time.perf_counter() - t0
     print("\n".join(variant_rows(result["analysis"])))
@@ -638,9 +672,9 @@ def main(argv=None) -> None:
     print("\n".join(parts_lines(result)))
     checks = result["checks"]
     print(f"loss check: max relative difference {checks['max_rel_diff']:.1e} ({'ok' if checks['ok'] else 'MISMATCH'})")
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    _common.write_results(args.out, result)
     plot = write_plot(args.out, result)
-    write_summary(args.out / "SUMMARY.md", result, plot)
+    write_summary(args.out, result, plot)
     print(f"wall time {result['wall_s']:.0f} s; wrote {args.out / 'results.json'}, SUMMARY.md"
           + (f" and {plot}" if plot else ""), file=sys.stderr)
     if not checks["ok"]:

@@ -28,7 +28,7 @@ JAX's backend is a GPU, with both sides' float32 matmuls and convolutions in TF3
 there), else the CPU.
 
 Also: the traced step's achieved FLOP/s (XLA ``cost_analysis()["flops"]`` / median step time) against
-``graphduo.timing.matmul_peak_flops()`` measured right before it in the same round (the median over rounds
+``_common.matmul_peak_flops()`` measured right before it in the same round (the median over rounds
 of the per-round fraction: the machine's speed drifts between rounds, and a ceiling measured minutes away measures the
 drift), PyTorch's rate on the same product measured right after it (``torch_matmul_flops``: how fast each
 framework's GEMM library is on this machine), and, at batch 32, where graphduo's eager step spends its time
@@ -39,9 +39,12 @@ Needs PyTorch: from the repository root, ``pip install -c constraints.txt ".[pee
 was measured with). Without it the script says so and exits with status 2. When the four variants'
 losses disagree, it still writes its results (recording the mismatch) and then exits with status 1.
 
+The process runs with graphduo's CLI defaults (``_common.setup``), recorded in results.json; PyTorch
+shares its host memory policy (its CPU tensors come from the same ``malloc``).
+
 Run:
-    python experiments/peers.py            # full run, about five minutes
-    python experiments/peers.py --quick    # smoke test (MLP, batch 32), under a minute
+    python experiments/peers.py            # full run
+    python experiments/peers.py --quick    # smoke test: MLP, batch 32, 1 round
     python experiments/peers.py --out DIR  # results elsewhere
 
 Writes ``DIR/results.json`` (every per-round time, check, ratio and goal, the environment with torch's
@@ -55,7 +58,6 @@ import argparse
 import dataclasses
 import gc
 import importlib.util
-import json
 import os
 import pathlib
 import statistics
@@ -68,18 +70,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _args  # experiments/_args.py
-from graphduo import runtime, timing
+import _common  # experiments/_common.py
+from _common import INPUT_SHAPE, LR, NUM_CLASSES
+from graphduo import timing
 from graphduo.eager import EagerStep
-from graphduo.graphs import inspect_eager, step_cost
+from graphduo.graphs import inspect_eager
 from graphduo.models import build_model
 from graphduo.step import TrainState, make_optimizer, make_train_step
 from graphduo.traced import TracedStep
 
-INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
-LR = 1e-3
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "peers"
+DEFAULT_OUT = _common.default_out("peers")
 VARIANTS = ("torch-eager", "torch-compile", "graphduo-eager", "graphduo-traced")
 PEAK_REPEATS = 5  # matmuls per round for the ceiling (2048-square on a CPU: about half a second on 2 cores)
 CHECK_STEPS = 5
@@ -221,7 +221,7 @@ def torch_matmul_flops(torch, device: str, n: int, repeats: int = PEAK_REPEATS) 
     sync = torch_sync(torch, device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device)
-    times = timing.time_call(lambda: (torch.mm(a, a), sync()), repeats=repeats)
+    times = _common.time_call(lambda: (torch.mm(a, a), sync()), repeats=repeats)
     return 2 * n**3 / (times.median_ms / 1e3)
 
 
@@ -267,24 +267,18 @@ class Variant:
     check_batches: list[Any]
 
 
-def copy_tree(tree):
-    return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
-
-
 def make_variants(torch, model_name: str, batch_size: int, seed: int = 0, device: str = "cpu"):
     model = build_model(model_name, INPUT_SHAPE, NUM_CLASSES)
     params0 = model.init(jax.random.key(0))
     tx = make_optimizer("adam", LR)
     rng = np.random.default_rng(seed)
-    np_batches = [{"image": rng.random((batch_size, *INPUT_SHAPE), dtype=np.float32),
-                   "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)}
-                  for _ in range(CHECK_STEPS + 1)]
+    np_batches = [_common.host_batch(batch_size, rng=rng) for _ in range(CHECK_STEPS + 1)]
     jax_batches = [jax.device_put(b) for b in np_batches]
     torch_batches = [torch_batch(torch, b, model_name, device) for b in np_batches]
     jax.block_until_ready(jax_batches)
 
     def gd_state():
-        params = copy_tree(params0)
+        params = _common.copy_tree(params0)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(1))
 
     def t_state(compiled: bool):
@@ -335,10 +329,6 @@ def check_losses(variants: list[Variant], rtol: float = LOSS_RTOL):
 # --------------------------------------------------------------------------------------------
 
 
-def steps_for(step_s: float, budget_s: float, lo: int, hi: int) -> int:
-    return int(min(hi, max(lo, round(budget_s / step_s))))
-
-
 def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, Any]:
     label = f"{model_name} b{batch_size}"
     model, tx, gd_state, gd_batch, variants = make_variants(torch, model_name, batch_size, device=args.torch_device)
@@ -351,29 +341,28 @@ def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, A
     for v in variants:  # probe: a rough steady-state time to size the measurements
         gc.collect()
         states[v.name], _, t = timing.time_steps(v.step, states[v.name], [v.batch] * 5, warmup=1)
-        steps[v.name] = steps_for(t.median_ms / 1e3, args.budget, args.min_steps, args.max_steps)
+        steps[v.name] = _common.steps_for(t.median_ms / 1e3, args.budget, args.min_steps, args.max_steps)
     peaks = []  # the matmul ceiling, measured in every round right before the traced step it is compared with
     torch_peaks = []  # and torch's rate on the same product, right after it
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else variants[::-1]
         for v in order:
             if v.name == "graphduo-traced":
-                peaks.append(timing.matmul_peak_flops(repeats=PEAK_REPEATS))
-                torch_peaks.append(torch_matmul_flops(torch, args.torch_device, timing.peak_matmul_size()))
+                peaks.append(_common.matmul_peak_flops(repeats=PEAK_REPEATS))
+                torch_peaks.append(torch_matmul_flops(torch, args.torch_device, _common.peak_matmul_size()))
             gc.collect()
-            faults = timing.minor_page_faults()
+            faults = _common.minor_page_faults()
             states[v.name], _, t = timing.time_steps(v.step, states[v.name], [v.batch] * (3 + steps[v.name]),
                                                      warmup=2)
             rounds[v.name].append({"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
                                    "times_ms": [x * 1e3 for x in t.times_s],
-                                   "page_faults_per_step": (timing.minor_page_faults() - faults) / (3 + steps[v.name])})
+                                   "page_faults_per_step": (_common.minor_page_faults() - faults) / (3 + steps[v.name])})
         print(f"[{label}] round {r + 1}/{args.rounds}: " + "  ".join(
             f"{n} {rs[-1]['median_ms']:.3g}" for n, rs in rounds.items()) + f" ms; matmul {peaks[-1] / 1e9:.0f} GFLOP/s (torch.mm {torch_peaks[-1] / 1e9:.0f})",
             file=sys.stderr)
 
     traced = next(v for v in variants if v.name == "graphduo-traced")
-    # XLA's cost analysis; with oneDNN's convolutions, of the same step with XLA's (graphs.step_cost).
-    cost = step_cost(traced.step.stages(gd_state(), gd_batch), model, tx, gd_state(), gd_batch)
+    cost = traced.step.stages(gd_state(), gd_batch).cost_analysis()  # compiled already: no new compile
     res = {"model": model_name, "batch_size": batch_size, "checks": checks, "first_step_s": first_s,
            "timed_steps_per_round": steps, "rounds": rounds, "cost": cost,
            "graphduo_traced_compile_s": traced.step.compile_time_s}
@@ -407,7 +396,7 @@ def ratio(rounds, num: str, den: str) -> dict[str, Any]:
 
 def peak_fraction(flops: float, traced_rounds: list[dict], peaks: list[float]) -> dict[str, Any]:
     """The traced step's achieved FLOP/s as a fraction of the matmul ceiling measured in the same round
-    (median of per-round fractions). The machine's speed drifts by tens of percent within minutes, so
+    (median of per-round fractions). The machine's speed drifts from minute to minute, so
     a ceiling measured minutes away from the step (or the larger of two such) says more about the
     drift than about the step; pairing them by round, as every other ratio here is, cancels it."""
     per = [flops / (r["median_ms"] / 1e3) / peak for r, peak in zip(traced_rounds, peaks)]
@@ -560,17 +549,17 @@ def breakdown_text(results) -> list[str]:
     return lines
 
 
-def write_summary(path, results, goal_list, env, command, wall_s, args, plot_note) -> None:
+def write_summary(out, results, goal_list, env, command, wall_s, args, plot_note) -> None:
     all_peaks = [p for r in results for p in r["matmul_peak_flops_per_round"]]
     verdict = {True: "**MET**", False: "**NOT MET**", None: "not evaluated"}
     text = [
         "# peers: graphduo against PyTorch (eager and torch.compile)", "",
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s; {args.rounds} interleaved round(s) per workload.  ",
-        f"Machine: {timing.describe_machine(env)}; torch {env['torch']} on {env.get('torch_device', 'cpu')} with "
+        f"Machine: {_common.describe_machine(env)}; torch {env['torch']} on {env.get('torch_device', 'cpu')} with "
         f"torch.set_num_threads({env['torch_threads']}) (the machine's core count). The host memory policy is "
         f"the process's: PyTorch's tensors come from the same malloc as XLA's buffers.  ",
-        f"Matmul peak (`graphduo.timing.matmul_peak_flops`, {env['matmul_peak_size']}x{env['matmul_peak_size']} float32 "
+        f"Matmul peak (`_common.matmul_peak_flops`, {env['matmul_peak_size']}x{env['matmul_peak_size']} float32 "
         f"under `jax.jit`): measured in every round right before the traced step, {min(all_peaks) / 1e9:.1f}-"
         f"{max(all_peaks) / 1e9:.1f} GFLOP/s over the run ({env['matmul_peak_flops_start'] / 1e9:.1f} at the start, "
         f"{env['matmul_peak_flops_end'] / 1e9:.1f} at the end); a step's fraction of peak is the median over rounds "
@@ -607,15 +596,12 @@ def write_summary(path, results, goal_list, env, command, wall_s, args, plot_not
     text += ["## Eager breakdown (batch 32)", "", *breakdown_text(results)]
     if plot_note:
         text += [plot_note, ""]
-    path.write_text("\n".join(text))
+    _common.write_summary(out, text)
 
 
 def plot(results, out: pathlib.Path) -> str:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _common.pyplot()
+    if plt is None:
         return "Plot skipped: matplotlib is not installed."
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"{r['model']} b{r['batch_size']}" for r in results]
@@ -638,21 +624,21 @@ def plot(results, out: pathlib.Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _args.make_parser(
+    parser = _common.make_parser(
         __doc__, "Time the same MLP/CNN Adam training step in PyTorch eager, torch.compile, graphduo eager "
                  "and graphduo traced, from the same weights; check they agree; write results.json and "
                  f"SUMMARY.md. Needs PyTorch: {INSTALL_TORCH}.")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test in under a minute: MLP at batch 32 only, 1 round, short measurements")
+                        help="smoke test: MLP at batch 32 only, 1 round, short measurements")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
-                        help=_args.out_help("results.json, SUMMARY.md and step_time.png", DEFAULT_OUT))
-    parser.add_argument("--models", type=_args.models, default=None,
-                        help=f"comma-separated models, of {', '.join(_args.MODELS)} (default mlp,cnn; --quick: mlp)")
-    parser.add_argument("--batch-sizes", type=_args.batch_sizes, default=None,
+                        help=_common.out_help("results.json, SUMMARY.md and step_time.png", DEFAULT_OUT))
+    parser.add_argument("--models", type=_common.models, default=None,
+                        help=f"comma-separated models, of {', '.join(_common.MODELS)} (default mlp,cnn; --quick: mlp)")
+    parser.add_argument("--batch-sizes", type=_common.batch_sizes, default=None,
                         help="comma-separated batch sizes (default 32,256; --quick: 32)")
-    parser.add_argument("--rounds", type=_args.positive_int, default=None,
+    parser.add_argument("--rounds", type=_common.positive_int, default=None,
                         help="interleaved rounds per workload (default 3; --quick: 1)")
-    parser.add_argument("--budget", type=_args.positive_float, default=None,
+    parser.add_argument("--budget", type=_common.positive_float, default=None,
                         help="seconds of timed steps per variant per round (default 0.8; --quick: 0.2)")
     return parser
 
@@ -661,7 +647,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     q = args.quick
-    args.models = args.models or (["mlp"] if q else list(_args.MODELS))
+    args.models = args.models or (["mlp"] if q else list(_common.MODELS))
     args.batch_sizes = args.batch_sizes or ([32] if q else [32, 256])
     args.rounds = args.rounds or (1 if q else 3)
     args.budget = args.budget or (0.2 if q else 0.8)
@@ -669,7 +655,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.max_steps = 50 if q else 300
     if importlib.util.find_spec("torch") is None:  # before --out is made: a run without torch writes nothing
         torch_missing()
-    args.out = _args.check_out(parser, args.out)
+    args.out = _common.check_out(parser, args.out)
     return args
 
 
@@ -695,10 +681,9 @@ def report(args, command: str, env: dict, results: list[dict], wall_s: float) ->
     plot_note = plot(results, args.out)
     payload = {"command": command, "wall_s": wall_s, "environment": env, "goals": goal_list,
                "losses_agree": mismatch is None, "loss_mismatch": mismatch,
-               "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
-               "workloads": results}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
-    write_summary(args.out / "SUMMARY.md", results, goal_list, env, command, wall_s, args, plot_note)
+               "settings": _common.settings_record(args), "workloads": results}
+    _common.write_results(args.out, payload)
+    write_summary(args.out, results, goal_list, env, command, wall_s, args, plot_note)
     print(f"wall time {wall_s:.0f} s; wrote {args.out / 'results.json'} and {args.out / 'SUMMARY.md'}",
           file=sys.stderr)
     if mismatch:
@@ -709,26 +694,26 @@ def report(args, command: str, env: dict, results: list[dict], wall_s: float) ->
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ["XLA_FLAGS"], _ = runtime.apply_cpu_settings()  # as the CLI, before any JAX computation
+    settings = _common.setup()  # the CLI's process settings, before any JAX computation
     torch = need_torch()
     torch.set_num_threads(os.cpu_count() or 1)
     # torch.compile's first step must include a real compile, not a hit in inductor's on-disk cache
     # left by an earlier run (which makes it look ~10x cheaper); graphduo-traced compiles afresh too.
     torch._inductor.config.force_disable_caches = True
-    command = timing.command_line(argv)
+    command = _common.command_line(argv)
     t_start = time.perf_counter()
-    env = timing.environment()
+    env = _common.environment(settings)
     args.torch_device, precision = torch_device(torch, env["backend"])
     env.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), torch_device=args.torch_device,
                torch_precision=precision)
-    env["matmul_peak_flops_start"] = timing.matmul_peak_flops()
+    env["matmul_peak_flops_start"] = _common.matmul_peak_flops()
     print(f"peers on {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}, jax {env['jax']}, torch "
           f"{env['torch']} on {args.torch_device} ({env['torch_threads']} threads), matmul {env['matmul_peak_flops_start'] / 1e9:.0f} GFLOP/s",
           file=sys.stderr)
     results = [bench_workload(torch, m, b, args) for m in args.models for b in args.batch_sizes]
-    env["matmul_peak_flops_end"] = timing.matmul_peak_flops()
+    env["matmul_peak_flops_end"] = _common.matmul_peak_flops()
     env["matmul_peak_flops"] = max(env["matmul_peak_flops_start"], env["matmul_peak_flops_end"])
-    env["matmul_peak_size"] = timing.peak_matmul_size()
+    env["matmul_peak_size"] = _common.peak_matmul_size()
     status = report(args, command, env, results, time.perf_counter() - t_start)
     if status:
         raise SystemExit(status)

@@ -1,18 +1,16 @@
 """Shared fixtures. Device-count and XLA settings belong here (or in subprocess environments), never
 in library modules."""
 
-import os
-
 import jax
 import numpy as np
 import pytest
 
 import graphduo
-import graphduo.runtime
+from graphduo.runtime import apply_process_settings
 
-# The suite runs what users run: graphduo's entry points' CPU settings (oneDNN convolutions, XLA's
-# on Eigen, freed host memory reused).
-os.environ["XLA_FLAGS"], _ = graphduo.runtime.apply_cpu_settings("onednn", "reuse")
+# The suite runs what users run: the CLI's default process settings, applied as an entry point does
+# (before any JAX computation) and recorded for the tests that read them.
+PROCESS_SETTINGS = apply_process_settings()
 
 # Four virtual CPU devices, so data-parallel code is tested without accelerators. Set before any
 # test touches a JAX backend; single-device tests use the first.

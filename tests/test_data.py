@@ -409,6 +409,22 @@ def test_download_then_load(tmp_path, server):
     assert data.download("mnist", root, base_url=dead, checksums=checksums) == paths
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["shared-022", "private-077"])
+def test_downloaded_files_get_the_umask_permissions_not_private_ones(tmp_path, server, umask):
+    """A file fetched into a shared --data-dir must be as readable as any file the process writes:
+    0666 less the umask (0644 under 022), not a private temporary file's 0600. Under umask 077 the
+    same check expects 0600: the permissions follow the umask, not a fixed mode."""
+    served, url = server
+    checksums = serve_idx(served)
+    old = os.umask(umask)
+    try:
+        paths = data.download("mnist", tmp_path / "data", base_url=url, checksums=checksums)
+    finally:
+        os.umask(old)
+    modes = {oct(p.stat().st_mode & 0o777) for p in paths}
+    assert modes == {oct(0o666 & ~umask)}
+
+
 def test_load_dataset_download_true_uses_the_mirror_table(tmp_path, server, monkeypatch):
     served, url = server
     monkeypatch.setitem(data._MIRRORS, "fashion-mnist", url)

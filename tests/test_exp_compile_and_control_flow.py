@@ -1,48 +1,37 @@
 """experiments/compile_cost.py and experiments/dynamic_control_flow.py run end to end in --quick mode,
-write what they promise, and the control-flow variants compute the same thing.
+write what they promise (results with their environment, summary, plots), and the control-flow
+variants compute the same thing.
 
 These check that the scripts work, not the timings: those live in the recorded results.
 """
 
-import importlib.util
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import graphduo
+from test_experiments import check_environment, check_plots, load_script, run_quick
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-
-def _run_quick(script: str, out: pathlib.Path) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=400, env=env, cwd=out)
+def _run_quick(script: str, out: pathlib.Path, *plots: str) -> dict:
+    result = run_quick(script, out, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["environment"]["jax"]
+    check_environment(results["environment"])
     summary = (out / "SUMMARY.md").read_text()
-    assert "|" in summary and "machine" in summary.lower()
+    assert "|" in summary and "Machine: " in summary
+    check_plots(out, *plots)
     return results
 
 
 def _load(script: str):
-    if str(ROOT / "experiments") not in sys.path:  # as `python experiments/NAME.py` has it: for _args
-        sys.path.insert(0, str(ROOT / "experiments"))
-    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), ROOT / "experiments" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(script.removesuffix(".py"))
 
 
 def test_compile_cost_quick(tmp_path):
-    results = _run_quick("compile_cost.py", tmp_path)
+    results = _run_quick("compile_cost.py", tmp_path, "compile_stages.png", "recompiles.png")
     families = {r["family"] for r in results["configs"]}
     assert families == {"mlp-depth", "mlp-width", "cnn-depth"}
     for r in results["configs"]:
@@ -67,7 +56,7 @@ def test_compile_cost_pow2_helpers():
 
 
 def test_dynamic_control_flow_quick(tmp_path):
-    payload = _run_quick("dynamic_control_flow.py", tmp_path)
+    payload = _run_quick("dynamic_control_flow.py", tmp_path, "time_per_call.png")
     # float32 matmuls in float32 on every backend (a GPU's TF32 default broke the tolerances' premise)
     assert payload["model"]["matmul_precision"] == "highest"
     results = payload["results"]

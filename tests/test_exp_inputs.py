@@ -2,48 +2,39 @@
 
 A bad argument must stop a script within seconds with argparse's usage and one ``error:`` line naming
 the bad value (exit status 2): no traceback, nothing written, nothing measured. Also: ``--help``
-states each default once and shows the docstring's examples; the default ``--out`` lies next to the
-script; peers.py exits with status 1 when its variants' losses disagree and pairs each round's
+states each default once and shows the docstring's examples, and neither help nor docstring states a
+measured figure (those go stale; experiments/RESULTS.md holds them); the default ``--out`` lies next to
+the script; peers.py exits with status 1 when its variants' losses disagree and pairs each round's
 fraction of peak with that round's ceiling; cnn_step.py, bench_core.py and mlp_step.py plot their
 recorded results.
 """
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 
+from test_experiments import check_plots, load_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 SCRIPTS = ("bench_core", "cnn_step", "compile_cost", "data_parallel", "dynamic_control_flow",
-           "eager_vs_traced", "memory", "mlp_step", "peers")
-HAS_MPL = importlib.util.find_spec("matplotlib") is not None
-
-
-def _load(name: str):
-    """A script as a module, as `python experiments/NAME.py` sees it (experiments/ on sys.path)."""
-    if str(EXPERIMENTS) not in sys.path:
-        sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+           "eager_vs_traced", "memory", "mlp_step", "peers", "trees")
 
 
 @pytest.fixture(scope="module")
 def args_mod():
-    return _load("_args")
+    return load_script("_common")
 
 
-# --- The shared argparse types, in process. ---------------------------------------------------
+# --- The shared argparse types (experiments/_common.py), in process. --------------------------
 
 
 def test_positive_number_types(args_mod):
@@ -93,7 +84,7 @@ def test_check_out_reports_through_the_parser(args_mod, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help_states_each_default_once_and_shows_examples(name):
-    module = _load(name)
+    module = load_script(name)
     parser = module.build_parser()
     text = parser.format_help()
     assert "(default: " not in text  # ArgumentDefaultsHelpFormatter's addition
@@ -106,6 +97,28 @@ def test_help_states_each_default_once_and_shows_examples(name):
             assert action.help.count("default") == 1, (action.option_strings, action.help)
     assert "examples" in text and f"python experiments/{name}.py --quick" in text
     assert module.DEFAULT_OUT == EXPERIMENTS / "results" / name  # next to the script, wherever run from
+
+
+# A duration or a speed-up written into prose: "about five minutes", "under a minute", "~40 us more",
+# "1.45x faster", "2-3x slower". Options may name units ("seconds of timed steps") and rules may name
+# factors ("within 2x of its batch-1 time"): an amount measured on some machine is the issue.
+MEASURED = re.compile(r"(?:about|under|~)\s*(?:a|an|one|two|three|four|five|ten|\d[\d.,-]*)\s*"
+                      r"(?:minutes?|seconds?|s|ms|us|hours?)\b|\b\d[\d.]*(?:-\d[\d.]*)?x (?:faster|slower)",
+                      re.IGNORECASE)
+
+
+def test_the_pattern_finds_measured_figures_only():
+    assert MEASURED.search("a full run, about five minutes") and MEASURED.search("1.45x faster here")
+    assert MEASURED.search("each call costs ~40 us more") and MEASURED.search("runs 2-3x faster")
+    assert MEASURED.search("python x.py --quick    # smoke test, under a minute")
+    assert not MEASURED.search("a 3 x 4 design on 28x28x1 inputs within 2x of batch 1")  # shapes, rules
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_and_docstring_state_no_measured_figures(name):
+    module = load_script(name)
+    for where, text in (("--help", module.build_parser().format_help()), ("docstring", module.__doc__)):
+        assert not MEASURED.findall(text), (where, MEASURED.findall(text))
 
 
 # --- Each script fails fast on a bad argument, as a user runs it. -----------------------------
@@ -121,6 +134,7 @@ BAD = {
     "memory": (["--batch-sizes", "-1"], "'-1'"),
     "mlp_step": (["--omp-wait-policy", "lazy"], "invalid choice: 'lazy'"),
     "peers": (["--rounds", "0"], "got '0'"),
+    "trees": (["--tree", "nowhere"], "--tree must be NAME=PATH, got 'nowhere'"),
 }
 
 
@@ -166,7 +180,7 @@ def _recorded_peers():
 
 @pytest.mark.parametrize("agree", [True, False])
 def test_peers_loss_mismatch_exits_1_after_writing_results(agree, tmp_path, capsys):
-    peers = _load("peers")
+    peers = load_script("peers")
     payload, workload = _recorded_peers()
     if not agree:  # forge a mismatch: graphduo-eager's losses off by 5%
         workload = copy.deepcopy(workload)
@@ -190,7 +204,7 @@ def test_peers_loss_mismatch_exits_1_after_writing_results(agree, tmp_path, caps
 
 def test_peers_fraction_of_peak_pairs_each_round_with_its_own_ceiling():
     # The machine's speed drifts: round 2 runs everything at half speed, the step and the ceiling alike.
-    peers = _load("peers")
+    peers = load_script("peers")
     rounds = [{"median_ms": 10.0}, {"median_ms": 20.0}, {"median_ms": 10.0}]
     peaks = [200e9, 100e9, 200e9]
     frac = peers.peak_fraction(1e9, rounds, peaks)
@@ -206,7 +220,7 @@ def test_peers_fraction_of_peak_pairs_each_round_with_its_own_ceiling():
 
 
 def test_peers_install_hint_uses_the_constraints_file():
-    peers = _load("peers")
+    peers = load_script("peers")
     text = (EXPERIMENTS / "peers.py").read_text()
     assert 'pip install -c constraints.txt ".[peers]"' in peers.INSTALL_TORCH
     assert "graphduo[peers]" not in text
@@ -215,17 +229,14 @@ def test_peers_install_hint_uses_the_constraints_file():
 # --- cnn_step.py, bench_core.py and mlp_step.py plot their results dicts. ----------------------------------
 
 
-@pytest.mark.parametrize("name, png", [("cnn_step", "step_time.png"), ("bench_core", "ratios.png"),
-                                       ("mlp_step", "step_time.png")])
-def test_plot_from_recorded_results(name, png, tmp_path):
-    module = _load(name)
-    result = json.loads((EXPERIMENTS / "results" / name / "results.json").read_text())
-    written = module.write_plot(tmp_path, result)
-    if not HAS_MPL:
-        assert written is None and not list(tmp_path.iterdir())
-        return
-    assert written == png
-    assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+@pytest.mark.parametrize("name, record, png", [("cnn_step", "cnn_step/jax-0.10.2-b256", "step_time.png"),
+                                               ("bench_core", "bench_core", "ratios.png"),
+                                               ("mlp_step", "mlp_step", "step_time.png")])
+def test_plot_from_recorded_results(name, record, png, tmp_path):
+    module = load_script(name)
+    result = json.loads((EXPERIMENTS / "results" / record / "results.json").read_text())
+    assert module.write_plot(tmp_path, result) == png
+    check_plots(tmp_path, png)
 
 
 def test_peers_runs_torch_where_jax_runs_and_matches_its_precision(capsys):
@@ -233,7 +244,7 @@ def test_peers_runs_torch_where_jax_runs_and_matches_its_precision(capsys):
     # one line; timing JAX's GPU against torch's CPU would compare hardware, not frameworks.
     import types
 
-    peers = _load("peers")
+    peers = load_script("peers")
     settings = []
     fake = types.SimpleNamespace(
         __version__="2.x", cuda=types.SimpleNamespace(is_available=lambda: False),

@@ -1,57 +1,60 @@
-"""experiments/mlp_step.py: it runs end to end in --quick mode, its variants are what they say they are
-(each compiled graph has the kernels its name promises) and compute the same function, and its loss
-check fails when a variant computes something else. Timings live in the recorded results, not here."""
+"""experiments/mlp_step.py: it runs end to end in --quick mode, with or without oneDNN and whatever
+compiler options the installed jaxlib knows; its variants are what they say they are (each compiled
+graph has the kernels its name promises, in the jaxlib releases that was checked in) and compute the
+same function, and its loss check fails when a variant computes something else. Timings live in the
+recorded results, not here."""
 
-import importlib.util
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from graphduo import onednn
+from graphduo import runtime
+from test_experiments import check_environment, check_plots, load_script, run_quick
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXPERIMENTS = ROOT / "experiments"
-SCRIPT = EXPERIMENTS / "mlp_step.py"
-needs_onednn = pytest.mark.skipif(onednn.available() is not None, reason=f"oneDNN: {onednn.available()}")
-
-
-def _load():
-    if str(EXPERIMENTS) not in sys.path:  # as `python experiments/mlp_step.py` has it: for _args
-        sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location("experiment_mlp_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The jaxlib releases whose XLA:CPU was seen to split the MLP step's dots as the compiled-kernel test
+# below says (YNNPACK for a dot contracting its left operand's last axis, Eigen for jax.grad's
+# batch-contracting weight gradients) and to know every compiler option the variants use.
+KERNELS_CHECKED_IN = ("0.10.2", "0.12.0.1")
 
 
 @pytest.fixture(scope="module")
 def mlp_step():
-    return _load()
+    return load_script("mlp_step")
 
 
-def test_quick_run_writes_results_and_checks_losses(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    env.pop("OMP_WAIT_POLICY", None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    if onednn.available() is not None:  # the script needs oneDNN and says so in one line
-        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("mlp_step.py: error: oneDNN")
-        return
+def _onednn_reason():
+    return load_script("_onednn").available()
+
+
+needs_onednn = pytest.mark.skipif(_onednn_reason() is not None, reason=f"oneDNN: {_onednn_reason()}")
+kernels_checked = pytest.mark.skipif(
+    runtime.jaxlib_version() not in KERNELS_CHECKED_IN,
+    reason=f"XLA:CPU's library choices were checked in jaxlib {', '.join(KERNELS_CHECKED_IN)}, "
+           f"not {runtime.jaxlib_version()}")
+
+
+def test_quick_run_writes_results_and_checks_losses(tmp_path, mlp_step):
+    out = tmp_path / "out"
+    proc = run_quick("mlp_step.py", out)  # the script sets OMP_WAIT_POLICY itself
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "results.json").read_text())
-    mod = _load()
-    assert result["checks"]["ok"] and set(result["checks"]["losses"]) == set(mod.VARIANTS)
-    assert result["omp_wait_policy"] == "passive" and result["environment"]["jax"]
+    result = json.loads((out / "results.json").read_text())
+    check_environment(result["environment"])
+    assert result["omp_wait_policy"] == "passive"
+    reason = _onednn_reason()
+    unavailable = result["unavailable"]
+    if reason is not None:
+        assert unavailable.pop(mlp_step.SGEMM) == f"oneDNN unavailable: {reason}"
+    if runtime.jaxlib_version() in KERNELS_CHECKED_IN:  # it knows every compiler option
+        assert unavailable == {}
+    assert all(why.startswith(f"not available in jaxlib {runtime.jaxlib_version()}: ") and "\n" not in why
+               for why in unavailable.values())
+    measured = [n for n in mlp_step.VARIANTS if n not in result["unavailable"]]
+    assert result["checks"]["ok"] and list(result["checks"]["losses"]) == measured
     variants = result["analysis"]["variants"]
-    assert list(variants) == list(mod.VARIANTS) and all(v["median_ms"] > 0 for v in variants.values())
+    assert list(variants) == measured and all(v["median_ms"] > 0 for v in variants.values())
     assert variants["shipped"]["speedup_vs_shipped"] == 1.0
     assert 0 < variants["shipped"]["peak_fraction"] and result["rounds"][0]["matmul_peak_flops"] > 0
     # FLOPs: every full variant is charged the shipped step's; the reference computes less (no Adam).
@@ -60,20 +63,20 @@ def test_quick_run_writes_results_and_checks_losses(tmp_path):
     assert [m["name"] for m in matmuls] == ["forward 0", "weight gradient 0", "forward 1", "weight gradient 1",
                                            "input gradient 1", "forward 2", "weight gradient 2", "input gradient 2"]
     assert sum(m["flops"] for m in matmuls) == 2 * 32 * (784 * 512 * 2 + 512 * 512 * 3 + 512 * 10 * 3)
-    assert all(m["xla_ms"] > 0 and m["onednn_sgemm_ms"] > 0 for m in matmuls)
-    # weight gradients are timed both as shipped and as jax.grad's batch-contracting dot
-    assert [m["name"] for m in matmuls if m.get("xla_batch_contracting_ms", 0) > 0] == [
+    assert all(m["xla_ms"] > 0 for m in matmuls)
+    assert all(("onednn_sgemm_ms" in m) == (reason is None) for m in matmuls)
+    # weight gradients are timed both as shipped and as the transposed copy's dot
+    assert [m["name"] for m in matmuls if m.get("xla_transposed_ms", 0) > 0] == [
         "weight gradient 0", "weight gradient 1", "weight gradient 2"]
     assert result["analysis"]["adam_update_ms"] > 0 and result["rounds"][0]["adam_update_ms"] > 0
     assert result["analysis"]["parts_estimate"]["ms"] > result["analysis"]["adam_update_ms"]
-    summary = (tmp_path / "SUMMARY.md").read_text()
-    assert "| shipped |" in summary and "| onednn-sgemm |" in summary and "Machine:" in summary
+    summary = (out / "SUMMARY.md").read_text()
+    assert "| shipped |" in summary and f"| {mlp_step.TRANSPOSED} |" in summary and "Machine: " in summary
+    assert ("| onednn-sgemm |" in summary) == (reason is None)
     assert "## Its matmuls alone" in summary and "OMP_WAIT_POLICY=passive" in summary
     assert "## What these parts allow" in summary and "Adam's update alone" in summary
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert (tmp_path / "step_time.png").stat().st_size > 0 and "(step_time.png)" in summary
-    else:
-        assert not (tmp_path / "step_time.png").exists()
+    assert "(step_time.png)" in summary
+    check_plots(out, "step_time.png")
 
 
 def _small_problem(mlp_step, batch_size=8):
@@ -88,34 +91,68 @@ def _small_problem(mlp_step, batch_size=8):
     return model, tx, (lambda: create_train_state(model, tx, jax.random.key(0))), batches
 
 
-@needs_onednn
+@kernels_checked
 def test_each_variant_compiles_to_what_its_name_says(mlp_step):
     model, tx, fresh, batches = _small_problem(mlp_step)
-    steps = mlp_step.build_steps(model, tx, fresh(), batches[0])
+    steps, unavailable = mlp_step.build_steps(model, tx, fresh(), batches[0])
+    assert set(unavailable) <= {mlp_step.SGEMM}
     hlo = {name: (step.stages(fresh(), batches[0]).compiled if name == "shipped" else step).as_text()
            for name, (step, _) in steps.items()}
     entry = {name: text.split("ENTRY", 1)[1] for name, text in hlo.items()}
-    # shipped: every dot on YNNPACK, the weight gradients from transposed copies of the layers' inputs;
-    # jax.grad's own weight gradients contract the batch axis and go to Eigen (jaxlib 0.10's split)
-    assert "__ynn_fusion" in entry["shipped"] and " dot(" not in entry["shipped"]
-    assert entry["eigen-weight-gradients"].count(" dot(") == 3 and "__ynn_fusion" in entry["eigen-weight-gradients"]
-    assert entry["shipped"].count("transpose") > entry["eigen-weight-gradients"].count("transpose")
+    # shipped: jax.grad's weight gradients contract the batch axis and go to Eigen, one plain dot per
+    # layer; every other dot is a YNNPACK fusion
+    assert entry["shipped"].count(" dot(") == 3 and "__ynn_fusion" in entry["shipped"]
+    # transposed-weight-gradients: no dot left to Eigen, the weight gradients from transposed copies
+    transposed = entry[mlp_step.TRANSPOSED]
+    assert " dot(" not in transposed and "__ynn_fusion" in transposed
+    assert transposed.count("transpose") > entry["shipped"].count("transpose")
     for name in ("eigen-dots", "xnnpack-dots"):  # no dot left to YNNPACK
         assert "__ynn_fusion" not in entry[name] and "__onednn" not in entry[name], name
-    assert "__onednn_fusion" in entry["onednn-dots"]
+    assert "__onednn_fusion" in entry["onednn-dots"] and " dot(" not in entry["onednn-dots"]
     assert entry["shipped"].count(" copy(") > entry["no-param-copies"].count(" copy(")
     assert "gather" in hlo["shipped"] and "gather" not in hlo["one-hot-loss"]
-    sgemm_calls = entry["onednn-sgemm"].count('custom_call_target="mlp_step_sgemm_')
-    assert sgemm_calls == 8 and " dot(" not in entry["onednn-sgemm"]  # every matmul, none left to XLA
+    if mlp_step.SGEMM in steps:
+        sgemm_calls = entry[mlp_step.SGEMM].count('custom_call_target="mlp_step_sgemm_')
+        assert sgemm_calls == 8 and " dot(" not in entry[mlp_step.SGEMM]  # every matmul, none left to XLA
 
 
-@needs_onednn
+def test_an_option_this_jaxlib_does_not_know_is_recorded_not_raised(mlp_step, monkeypatch):
+    model, tx, fresh, batches = _small_problem(mlp_step)
+    monkeypatch.setitem(mlp_step.COMPILER_OPTIONS, "eigen-dots", {"xla_cpu_no_such_option_graphduo": True})
+    steps, unavailable = mlp_step.build_steps(model, tx, fresh(), batches[0],
+                                              variants=("shipped", "eigen-dots", "no-param-copies"))
+    assert list(steps) == ["shipped", "no-param-copies"]  # the known option still compiled
+    (why,) = unavailable.values()
+    assert why.startswith(f"not available in jaxlib {runtime.jaxlib_version()}: ") and "\n" not in why
+    assert "xla_cpu_no_such_option_graphduo" in why
+    # Any other compile failure is an error, not an unavailable variant.
+    assert mlp_step._unknown_option(RuntimeError("INVALID_ARGUMENT: No such compile option: 'x_y'"), {"x_y": 1})
+    assert not mlp_step._unknown_option(RuntimeError("RESOURCE_EXHAUSTED: out of memory"), {"x_y": 1})
+
+
+def test_without_onednn_its_variant_is_recorded_and_the_rest_reads(mlp_step, monkeypatch):
+    model, tx, fresh, batches = _small_problem(mlp_step)
+    monkeypatch.setattr(mlp_step._onednn, "available", lambda: "no libdnnl here")
+    steps, unavailable = mlp_step.build_steps(model, tx, fresh(), batches[0], variants=("shipped", mlp_step.SGEMM))
+    assert list(steps) == ["shipped"] and unavailable == {mlp_step.SGEMM: "oneDNN unavailable: no libdnnl here"}
+    # The matmuls alone without oneDNN's column: the table says n/a where a figure would be.
+    rows = mlp_step.time_matmuls(mlp_step.matmul_shapes(fresh().params, 8), calls=2, sgemm=False)
+    assert not any("onednn_sgemm_ms" in r for r in rows)
+    result = {"rounds": [{"steps": {"shipped": {"median_ms": 1.0}}, "matmul_peak_flops": 1e9, "matmuls": rows,
+                          "adam_update_ms": 0.1}],
+              "flops": {"shipped": 1e6}, "matmul_shapes": mlp_step.matmul_shapes(fresh().params, 8)}
+    analysis = mlp_step.analyse(result)
+    assert analysis["matmuls_alone_ms"]["onednn_sgemm"] is None
+    table = mlp_step.matmul_rows(analysis)
+    assert all(line.rstrip().endswith("| n/a | n/a |") for line in table[2:]), table
+
+
 def test_variants_train_the_same_function_and_the_check_catches_one_that_does_not(mlp_step):
     model, tx, fresh, batches = _small_problem(mlp_step)
-    steps = mlp_step.build_steps(model, tx, fresh(), batches[0])
+    steps, _ = mlp_step.build_steps(model, tx, fresh(), batches[0])
     checks = mlp_step.check_losses(steps, fresh, batches)
     assert checks["ok"], checks
-    assert len(checks["losses"]["gradient-only"]) == 1 and len(checks["losses"]["onednn-sgemm"]) == 3
+    assert len(checks["losses"]["gradient-only"]) == 1 and len(checks["losses"][mlp_step.TRANSPOSED]) == 3
     # the losses move between steps, so agreeing on all three says the updates agree too
     assert len(set(checks["losses"]["shipped"])) == 3
 
@@ -127,22 +164,40 @@ def test_variants_train_the_same_function_and_the_check_catches_one_that_does_no
     assert not bad["ok"] and bad["max_rel_diff"] > 10 * mlp_step.LOSS_RTOL
 
 
-@needs_onednn
-def test_sgemm_matmul_and_its_gradients_against_float64(mlp_step):
-    matmul = mlp_step.sgemm_matmul()
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((12, 7)).astype(np.float32)
-    w = rng.standard_normal((7, 5)).astype(np.float32)
-    g = rng.standard_normal((12, 5)).astype(np.float32)
+def _against_float64(matmul, seed):
+    """``matmul``'s values and both gradients against NumPy in float64."""
+    rng = np.random.default_rng(seed)
+    x, w, g = (rng.standard_normal(s).astype(np.float32) for s in ((12, 7), (7, 5), (12, 5)))
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
     y, vjp = jax.vjp(jax.jit(matmul), jnp.asarray(x), jnp.asarray(w))
     dx, dw = vjp(jnp.asarray(g))
-    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
-    # float32 products of 7-12 terms of unit size: rounding ~1e-6 relative; a wrong transpose is O(1) off
+    # float32 sums of 5-12 products of unit size: ~1e-6 relative; a transposed or wrong operand is O(1) off
     np.testing.assert_allclose(y, x64 @ w64, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, x64.T @ g64, rtol=1e-5, atol=1e-5)
-    with pytest.raises(AssertionError):  # negative control: the tolerance separates a transposed result
+    with pytest.raises(AssertionError):  # negative control: the tolerance separates a permuted result
         np.testing.assert_allclose(dw, (x64.T @ g64)[::-1], rtol=1e-5, atol=1e-5)
+    return x, w, g
+
+
+def test_transposed_matmul_and_its_gradients_against_float64(mlp_step):
+    """``transposed_matmul``'s values and both gradients (asked for together and apart), and only the
+    gradients asked for are computed."""
+    matmul = mlp_step.transposed_matmul
+    x, w, g = _against_float64(matmul, seed=4)
+    only_w = jax.grad(lambda w: jnp.vdot(matmul(jnp.asarray(x), w), g))(jnp.asarray(w))
+    np.testing.assert_allclose(only_w, x.astype(np.float64).T @ g, rtol=1e-5, atol=1e-5)
+    # the gradient of a data batch is never asked for: no input-gradient dot in the traced program
+    text = str(jax.make_jaxpr(jax.grad(lambda w, x: matmul(x, w).sum()))(jnp.asarray(w), jnp.asarray(x)))
+    assert text.count("dot_general[") == 2  # forward and weight gradient
+    both = str(jax.make_jaxpr(jax.grad(lambda w, x: matmul(x, w).sum(), argnums=(0, 1)))(jnp.asarray(w), jnp.asarray(x)))
+    assert both.count("dot_general[") == 3  # control: the input gradient's dot is there when asked for
+    assert "optimization_barrier" in both  # the weight gradient's transposed copy, kept as such
+
+
+@needs_onednn
+def test_sgemm_matmul_and_its_gradients_against_float64(mlp_step):
+    _against_float64(mlp_step.sgemm_matmul(), seed=2)
 
 
 @needs_onednn
@@ -170,7 +225,7 @@ def test_parts_estimate_takes_each_matmuls_fastest_kernel_plus_adam_per_round(ml
     # ... and when one kernel gets faster, the estimate follows it.
     faster = [{**r, "matmuls": [{"xla_ms": 0.5, "onednn_sgemm_ms": 2.0}, r["matmuls"][1]]} for r in rounds[:1]]
     assert mlp_step.parts_estimate(faster, flops=3e6)["ms"] == 2.5
-    # ... including a weight gradient's third kernel, jax.grad's own dot, where it is the fastest.
-    third = [{**rounds[0], "matmuls": [{**rounds[0]["matmuls"][0], "xla_batch_contracting_ms": 0.25},
+    # ... including a weight gradient's third kernel, the transposed copy's dot, where it is the fastest.
+    third = [{**rounds[0], "matmuls": [{**rounds[0]["matmuls"][0], "xla_transposed_ms": 0.25},
                                        rounds[0]["matmuls"][1]]}]
     assert mlp_step.parts_estimate(third, flops=3e6)["ms"] == 2.25

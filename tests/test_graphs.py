@@ -28,10 +28,11 @@ def test_eager_replays_exactly_the_ops_of_the_recorded_step(mlp_graphs):
 
     jaxpr = jax.make_jaxpr(make_train_step(model.apply, tx))(state, batch)
     assert eager["ops_per_step"] == len(jaxpr.jaxpr.eqns)
-    # SGD on a 2-layer MLP: 2 matmuls forward, 3 backward (no input gradient for the first layer), the
-    # weight gradients each one jitted function (models._weight_gradient), one op like the dot it replaces.
-    assert eager["by_primitive"]["dot_general"]["count"] == 3
-    assert [op["phase"] for op in eager["ops"] if op["name"] == "_weight_gradient"] == ["backward"] * 2
+    # SGD on a 2-layer MLP: 2 matmuls forward, 3 backward (no input gradient for the first layer).
+    assert eager["by_primitive"]["dot_general"]["count"] == 5
+    assert [op["phase"] for op in eager["ops"] if op["op"] == "dot_general"] == ["forward"] * 2 + ["backward"] * 3
+    # a jitted function is one op, named: graphduo's ReLU, forward and backward
+    assert [op["phase"] for op in eager["ops"] if op["name"] == "relu"] == ["forward", "backward"]
     assert {"forward", "backward", "update+metrics"} == set(eager["by_phase"])
     assert all(op["time_us"] > 0 for op in eager["ops"])
 
@@ -60,8 +61,6 @@ _CUBLAS = '  %custom-call.1 = (f32[256,512]{1,0}, s8[4]{0}) custom-call(%a, %b),
     ("dot", _DOT, "cpu", "Eigen"),
     ("dot", _DOT, "gpu", "gpu dot"),
     ("custom-call", _CUBLAS, "gpu", "cuBLAS"),
-    ("custom-call", '  %ffi_call.4 = f32[8,14,14,64]{3,2,1,0} custom-call(%a, %b), custom_call_target='
-                    '"graphduo_onednn_conv_fwd", api_version=API_VERSION_TYPED_FFI', "cpu", "oneDNN (graphduo)"),
     ("fusion", '  %f = f32[8,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%c, backend_config={"operation_queue_id":"0",'
                '"fusion_backend_config":{"kind":"__triton_gemm","triton_gemm_config":{"block_m":"64"}}}',
      "gpu", "Triton"),
@@ -99,12 +98,14 @@ def test_the_step_s_kernels_are_counted_by_library(mlp_graphs):
     kernels = [(op, line) for op, line in _entry_opcodes(traced["optimized_hlo"]) if op not in not_kernels]
     assert any(" = (" in line for _, line in kernels)  # a multi-output kernel (argmax and max) is counted
     assert traced["kernels_per_step"] == len(kernels) == sum(by_library.values())
-    # On XLA:CPU: library fusions say so in their backend config; unfused matmuls run on Eigen. The MLP
-    # has none left (models.matmul gives its weight gradients to YNNPACK; the line-level cases above
-    # cover Eigen's dots).
-    assert by_library["YNNPACK"] == sum('"kind":"__ynn_fusion"' in line for _, line in kernels) > 0
-    assert by_library.get("Eigen", 0) == sum(op in ("dot", "convolution") for op, _ in kernels) == 0
-    assert by_library["XLA codegen"] == len(kernels) - by_library["YNNPACK"]
+    # On XLA:CPU: library fusions say so in their backend config; unfused matmuls run on Eigen. Which
+    # dot goes where is the jaxlib's choice and changes between releases: the counts must add up, in
+    # whatever split this jaxlib made (the line-level cases above pin each rule).
+    ynn = sum('"kind":"__ynn_fusion"' in line for _, line in kernels)
+    eigen = sum(op in ("dot", "convolution") for op, _ in kernels)
+    assert by_library.get("YNNPACK", 0) == ynn and by_library.get("Eigen", 0) == eigen
+    assert ynn + eigen > 0  # the MLP's matmuls are somewhere
+    assert by_library["XLA codegen"] == len(kernels) - ynn - eigen
 
 
 def test_dot_graph_is_well_formed(mlp_graphs):
@@ -124,11 +125,12 @@ def test_inspect_cli_text_json_dot(capsys):
     assert main(["inspect", "--model", "cnn", "--format", "json", "--dataset", "synthetic", "--synthetic-shape",
                  "28x28x1", "--batch-size", "64"]) == 0
     result = json.loads(capsys.readouterr().out)
-    # the second convolution (462 MFLOP at batch 64) runs as graphduo's oneDNN calls, forward and both
-    # gradients (the suite runs with the CLI's default); the first is below models.ONEDNN_MIN_FLOPS
-    assert result["traced"]["jaxpr_primitives"]["ffi_call"] == 3
-    assert result["traced"]["kernels_by_library"]["oneDNN (graphduo)"] == 3
-    assert result["traced"]["cost"]["flops"] > 3 * 462e6  # counted, though XLA cannot see into the calls
+    # XLA's own convolutions, counted by its cost analysis: the second layer's (462 MFLOP at batch 64)
+    # forward and both gradients, the first's weight gradient only (its forward is multiply-adds,
+    # its input is data); no custom call anywhere
+    assert result["traced"]["jaxpr_primitives"]["conv_general_dilated"] == 4
+    assert "ffi_call" not in result["traced"]["jaxpr_primitives"]
+    assert result["traced"]["cost"]["flops"] > 3 * 462e6
     assert result["ops_per_kernel"] > 1
     assert main(["inspect", "--format", "dot"]) == 0
     assert capsys.readouterr().out.startswith("digraph")

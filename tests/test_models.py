@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from graphduo.models import build_model, conv_same, count_params, matmul, max_pool_2x2
+from graphduo.models import build_model, conv_same, count_params, max_pool_2x2
 from graphduo.step import create_train_state, cross_entropy, make_optimizer, make_train_step
 
 # float32 matmuls and convolutions summed in a different order differ by a few ulps per output;
@@ -111,18 +111,27 @@ def test_cnn_gradients_match_flax_on_inputs_with_ties():
                    for g, w in zip(jax.tree.leaves(bad), jax.tree.leaves(want)))
 
 
-def test_single_channel_convolution_matches_lax():
-    """The one-input-channel convolution (shifted multiply-adds) against ``lax.conv``: outputs
-    and both gradients, for a 3x3 and an even 4x2 kernel (asymmetric SAME padding)."""
-    for kshape in [(3, 3, 1, 5), (4, 2, 1, 3)]:
-        x = _inputs((7, 6, 1), n=3)
-        k = jax.random.normal(jax.random.key(5), kshape)
-        ref = lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), "SAME",
-                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        np.testing.assert_allclose(conv_same(x, k), ref(x, k), rtol=RTOL, atol=ATOL)
-        ct = jax.random.normal(jax.random.key(6), ref(x, k).shape)
-        for g, w in zip(jax.vjp(conv_same, x, k)[1](ct), jax.vjp(ref, x, k)[1](ct)):
-            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+def _lax_conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("kshape", [(3, 3, 1, 5), (4, 2, 1, 3)], ids=["3x3", "even-4x2"])
+def test_single_channel_convolution_matches_lax(kshape):
+    """The one-input-channel convolution (shifted multiply-adds) against ``lax.conv``: outputs and
+    both gradients, for a 3x3 and an even 4x2 kernel (asymmetric SAME padding)."""
+    x = jax.random.uniform(jax.random.key(4), (3, 7, 6, 1))
+    k = jax.random.normal(jax.random.key(5), kshape)
+    mine = conv_same  # one input channel: the multiply-adds
+    # float32 sums of at most 8 products of unit size in another order: ~1e-6
+    np.testing.assert_allclose(mine(x, k), _lax_conv(x, k), rtol=1e-5, atol=1e-5)
+    ct = jax.random.normal(jax.random.key(6), _lax_conv(x, k).shape)
+    for g, w in zip(jax.vjp(mine, x, k)[1](ct), jax.vjp(_lax_conv, x, k)[1](ct)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError):  # negative control: the kernel flipped is a convolution, not XLA's
+        np.testing.assert_allclose(mine(x, k[::-1, ::-1]), _lax_conv(x, k), rtol=1e-5, atol=1e-5)
+    # its forward is multiply-adds, no convolution; its gradient the ordinary convolution's
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(mine)(x, k))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: jax.vjp(mine, x, k)[1](ct))(x, k))
 
 
 def test_param_count_of_default_models():
@@ -194,54 +203,6 @@ def test_cnn_gradient_against_float64_finite_differences():
                        for e in basis])
         g = np.asarray(jax.flatten_util.ravel_pytree(grads)[0])
     np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-8)
-
-
-def test_matmul_and_its_gradients_against_float64():
-    """``models.matmul``'s values and both gradients (asked for together and apart) against NumPy in
-    float64, and only the gradients asked for are computed."""
-    rng = np.random.default_rng(4)
-    x, w, g = (rng.standard_normal(s).astype(np.float32) for s in ((12, 7), (7, 5), (12, 5)))
-    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
-    y, vjp = jax.vjp(jax.jit(matmul), jnp.asarray(x), jnp.asarray(w))
-    dx, dw = vjp(jnp.asarray(g))
-    # float32 sums of 5-12 products of unit size: ~1e-6 relative; a transposed or wrong operand is O(1) off
-    np.testing.assert_allclose(y, x64 @ w64, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw, x64.T @ g64, rtol=1e-5, atol=1e-5)
-    with pytest.raises(AssertionError):  # negative control: the tolerance separates a permuted result
-        np.testing.assert_allclose(dw, (x64.T @ g64)[::-1], rtol=1e-5, atol=1e-5)
-    only_w = jax.grad(lambda w: jnp.vdot(matmul(jnp.asarray(x), w), g))(jnp.asarray(w))
-    np.testing.assert_allclose(only_w, x64.T @ g64, rtol=1e-5, atol=1e-5)
-    # the gradient of a data batch is never asked for: no input-gradient dot in the traced program
-    text = str(jax.make_jaxpr(jax.grad(lambda w, x: matmul(x, w).sum()))(jnp.asarray(w), jnp.asarray(x)))
-    assert text.count("dot_general[") == 2  # forward and weight gradient
-    both = str(jax.make_jaxpr(jax.grad(lambda w, x: matmul(x, w).sum(), argnums=(0, 1)))(jnp.asarray(w), jnp.asarray(x)))
-    assert both.count("dot_general[") == 3  # control: the input gradient's dot is there when asked for
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a fact about XLA:CPU's libraries")
-def test_traced_mlp_weight_gradients_run_on_ynnpack_not_eigen():
-    """The point of ``models.matmul`` (experiments/RESULTS.md, section 8): on XLA:CPU the traced MLP
-    step has no dot left to Eigen. Negative control: ``jax.grad`` of plain ``x @ w`` has one per layer."""
-    model = build_model("mlp", (8, 8, 1), 10, features=(16, 12))
-    tx = make_optimizer("adam", 1e-3)
-    state = create_train_state(model, tx, jax.random.key(0))
-    batch = {"image": jnp.ones((4, 8, 8, 1)), "label": jnp.arange(4) % 10}
-
-    def entry(apply):
-        compiled = jax.jit(make_train_step(apply, tx)).lower(state, batch).compile().as_text()
-        return compiled.split("ENTRY", 1)[1]
-
-    def plain(p, x):
-        x = x.reshape((x.shape[0], -1))
-        for i in range(len(p)):
-            x = x @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
-            x = jnp.maximum(x, 0) if i < len(p) - 1 else x
-        return x
-
-    assert len(state.params) == 3
-    assert " dot(" not in entry(model.apply)
-    assert entry(plain).count(" dot(") == 3
 
 
 def test_cross_entropy_matches_optax():

@@ -1,5 +1,6 @@
-"""graphduo.runtime: the XLA:CPU convolution choice, added to XLA_FLAGS only when it can take effect;
-the host memory policy, applied only when the user has not chosen one."""
+"""graphduo.runtime: the entry points' process settings. XLA:CPU's convolution library, added to
+XLA_FLAGS only when it can take effect and only for the jaxlib releases it was checked in; the host
+memory policy, applied only when the user has not chosen one."""
 
 import os
 import subprocess
@@ -10,6 +11,8 @@ import pytest
 
 from graphduo import runtime
 
+CHECKED = "0.10.2"  # a jaxlib release the flag was checked in
+
 
 @pytest.fixture
 def fresh(monkeypatch):
@@ -18,16 +21,16 @@ def fresh(monkeypatch):
 
 
 def test_eigen_is_added_to_xla_flags(fresh):
-    flags, note = runtime.cpu_convolution_flags("eigen", "--xla_cpu_enable_fast_math=false")
+    flags, note = runtime.cpu_convolution_flags("eigen", "--xla_cpu_enable_fast_math=false", jaxlib=CHECKED)
     assert note == "XLA:CPU convolutions: Eigen"
     assert flags == f"--xla_cpu_enable_fast_math=false {runtime.EIGEN_FLAG}"
-    assert runtime.cpu_convolution_flags("eigen", flags) == (flags, note)  # idempotent
-    assert runtime.cpu_convolution_flags("eigen", "")[0] == runtime.EIGEN_FLAG
+    assert runtime.cpu_convolution_flags("eigen", flags, jaxlib=CHECKED) == (flags, note)  # idempotent
+    assert runtime.cpu_convolution_flags("eigen", "", jaxlib=CHECKED)[0] == runtime.EIGEN_FLAG
 
 
 def test_users_own_choice_wins(fresh):
     mine = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
-    flags, note = runtime.cpu_convolution_flags("eigen", mine)
+    flags, note = runtime.cpu_convolution_flags("eigen", mine, jaxlib=CHECKED)
     assert flags == mine and "as XLA_FLAGS sets them" in note
 
 
@@ -38,25 +41,45 @@ def test_xla_choice_changes_nothing(fresh):
 
 def test_too_late_is_reported_not_applied(monkeypatch):
     monkeypatch.setattr(runtime, "_backend_started", lambda: True)
-    flags, note = runtime.cpu_convolution_flags("eigen", "")
+    flags, note = runtime.cpu_convolution_flags("eigen", "", jaxlib=CHECKED)
     assert flags == "" and "before any JAX computation" in note
 
 
-def test_unknown_jaxlib_flag_is_never_added(fresh, monkeypatch):
-    """An unknown name in XLA_FLAGS aborts the process, so a jaxlib without it gets nothing."""
-    monkeypatch.setattr(runtime, "_jaxlib_knows", lambda name: False)
-    flags, note = runtime.cpu_convolution_flags("eigen", "")
-    assert flags == "" and "no YNNPACK choice" in note
+@pytest.mark.parametrize("version", ["0.10.1", "0.12.1", "0.13.0", "1.0.0"])
+def test_a_jaxlib_the_flag_was_not_checked_in_gets_a_note_not_the_flag(fresh, version):
+    """An unknown name in XLA_FLAGS aborts the process: a jaxlib outside the checked releases gets
+    nothing added, and one line saying so."""
+    flags, note = runtime.cpu_convolution_flags("eigen", "", jaxlib=version)
+    assert flags == "" and f"skipped: its flag was not checked in jaxlib {version}" in note
+    assert "\n" not in note
 
 
-def test_this_jaxlib_knows_the_flag():
-    assert runtime._jaxlib_knows("xla_cpu_experimental_ynn_fusion_type")
-    assert not runtime._jaxlib_knows("xla_cpu_no_such_flag_graphduo")
+@pytest.mark.parametrize("version,known", [("0.10.2", True), ("0.11.2", True), ("0.12.0.1", True),
+                                           ("0.10.1", False), ("0.12.1", False), ("0.11.0rc1", True)])
+def test_known_flags_are_decided_from_the_version(version, known):
+    assert runtime.jaxlib_knows("xla_cpu_experimental_ynn_fusion_type", version) is known
+    assert not runtime.jaxlib_knows("xla_cpu_no_such_flag_graphduo", version)
+
+
+def test_the_installed_jaxlib_is_one_the_flag_was_checked_in():
+    """The suite runs at both ends of pyproject's range (Python 3.11 with constraints.txt, 3.12 with
+    constraints-py312.txt): each end must be a release KNOWN_FLAGS lists."""
+    assert runtime.jaxlib_knows("xla_cpu_experimental_ynn_fusion_type"), runtime.jaxlib_version()
 
 
 def test_unknown_choice_names_the_choices():
-    with pytest.raises(ValueError, match="choose one of onednn, eigen, xla"):
+    with pytest.raises(ValueError, match="choose one of eigen, xla"):
         runtime.cpu_convolution_flags("mkl", "")
+
+
+def test_apply_process_settings_sets_xla_flags_and_records_what_it_did(fresh, monkeypatch):
+    monkeypatch.setattr(runtime, "_host_memory_applied", None)  # as in a fresh process
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    settings = runtime.apply_process_settings("eigen", "system")
+    assert os.environ["XLA_FLAGS"] == settings.xla_flags
+    record = settings.record()
+    assert record["cpu_convolutions"] == "eigen" and record["host_memory"] == "system"
+    assert record["notes"][1] == "host memory: the C library's default" and len(record["notes"]) == 2
 
 
 PROBE = textwrap.dedent("""
@@ -75,7 +98,8 @@ PROBE = textwrap.dedent("""
 @pytest.mark.parametrize("choice,expected", [("eigen", "eigen"), ("xla", "library")])
 def test_choice_reaches_the_compiled_convolution(choice, expected):
     """In a fresh process (XLA reads its flags once): with ``eigen`` the compiled convolution is
-    XLA's own; with ``xla`` jax 0.10 hands it to YNNPACK (the negative control)."""
+    XLA's own; with ``xla`` the jaxlib hands it to YNNPACK (the negative control). A fact about the
+    jaxlib releases in ``KNOWN_FLAGS`` (checked at both ends of the supported range)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, "-c", PROBE, choice], env=env, capture_output=True, text=True,
                          timeout=120)
@@ -88,13 +112,12 @@ def test_choice_reaches_the_compiled_convolution(choice, expected):
 
 @pytest.fixture
 def unset(monkeypatch):
-    """Pretend no earlier call acted (conftest.py's did, in this test process)."""
-    monkeypatch.setattr(runtime, "_host_memory_set", False)
-    monkeypatch.setattr(runtime, "_host_memory_note", "host memory: the C library's default")
+    """Pretend no earlier call acted in this test process."""
+    monkeypatch.setattr(runtime, "_host_memory_applied", None)
 
 
 def test_host_memory_unknown_choice_names_the_choices():
-    with pytest.raises(ValueError, match="choose one of reuse, system"):
+    with pytest.raises(ValueError, match="choose one of system, reuse"):
         runtime.reuse_host_memory("jemalloc")
 
 
@@ -102,8 +125,8 @@ def test_host_memory_unknown_choice_names_the_choices():
                                      {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
 def test_host_memory_users_own_allocator_settings_win(unset, environ):
     note = runtime.reuse_host_memory("reuse", environ)
-    assert "as the environment sets it" in note and runtime.host_memory_note() == note
-    assert runtime._host_memory_set is False
+    assert "as the environment sets it" in note
+    assert runtime._host_memory_applied is None
 
 
 @pytest.fixture
@@ -134,24 +157,24 @@ def test_host_memory_says_what_glibc_accepted(unset, fake_glibc):
     fake_glibc.refuse = (runtime._M_TOP_PAD,)
     note = runtime.reuse_host_memory("reuse", {})
     assert note == "host memory: partly kept for reuse (glibc accepted only: no mmap, no trim)"
-    assert runtime._host_memory_set is True  # what glibc accepted lasts: no second attempt
+    assert runtime._host_memory_applied == note  # what glibc accepted lasts: no second attempt
 
 
 def test_host_memory_leaves_other_c_libraries_alone(unset, monkeypatch):
     monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
     assert "not glibc" in runtime.reuse_host_memory("reuse", {})
-    assert runtime._host_memory_set is False
+    assert runtime._host_memory_applied is None
 
 
 def test_host_memory_system_changes_nothing(unset):
     assert runtime.reuse_host_memory("system", {}) == "host memory: the C library's default"
-    assert runtime._host_memory_set is False
+    assert runtime._host_memory_applied is None
 
 
 RESIDENT = textwrap.dedent("""
     import ctypes, ctypes.util, importlib.util, mmap, sys, threading
     spec = importlib.util.spec_from_file_location("runtime", sys.argv[3])  # alone: no JAX, no thread pools
-    runtime = importlib.util.module_from_spec(spec)
+    runtime = sys.modules["runtime"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runtime)
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     if sys.argv[1] == "reuse-without-pad":  # reuse's other two settings, without its top pad

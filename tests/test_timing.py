@@ -6,9 +6,8 @@ import tempfile
 import jax.numpy as jnp
 import pytest
 
-from graphduo import runtime
-from graphduo.timing import (StepTimes, break_even_steps, describe_machine, environment, time_steps,
-                             writable_folder)
+from conftest import PROCESS_SETTINGS
+from graphduo.timing import StepTimes, break_even_steps, environment, time_steps
 
 
 @pytest.mark.parametrize("eager,traced,expected", [
@@ -48,39 +47,11 @@ def test_step_times_summary():
     assert summary["first_step_s"] == 2.0
 
 
-def test_environment_names_the_machine():
-    env = environment()
-    assert {"jax", "jaxlib", "backend", "device_kind", "cpu", "xla_flags", "host_memory"} <= env.keys()
+def test_environment_names_the_machine_and_the_process_settings():
+    env = environment(PROCESS_SETTINGS.record())
+    assert {"jax", "jaxlib", "flax", "optax", "backend", "device_kind", "cpu", "xla_flags", "process_settings"} <= env.keys()
     assert re.fullmatch(r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ", env["recorded_utc"])  # when it was measured
-    assert env["host_memory"] == runtime.host_memory_note()  # conftest.py applied graphduo's default
-    if runtime.platform.libc_ver()[0] == "glibc" and "as the environment" not in env["host_memory"]:
-        assert "kept for reuse" in env["host_memory"]
+    assert env["process_settings"]["cpu_convolutions"] == PROCESS_SETTINGS.cpu_convolutions
+    assert env["xla_flags"] == PROCESS_SETTINGS.xla_flags  # conftest.py put them in the environment
     assert env["backend"] == "cpu"
-    assert env["convolutions"] == runtime.convolution_note()
-
-
-def test_describe_machine_names_an_accelerator_only_when_there_is_one():
-    # A GPU run's results must say which GPU (the CPU model alone would hide it).
-    env = environment()
-    assert describe_machine(env).startswith(f"{env['cpu']}, {env['cpu_count']} cores; jax ")  # CPU: its model
-    gpu = dict(env, backend="gpu", device_kind="NVIDIA H100 80GB HBM3", cpu_count=16)
-    assert describe_machine(gpu).startswith(f"{env['cpu']}, 16 cores; NVIDIA H100 80GB HBM3; jax ")
-    assert "(gpu)" in describe_machine(gpu)
-
-
-def test_writable_folder_makes_the_folder_or_names_the_problem(tmp_path, monkeypatch):
-    assert writable_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
-    assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe file is gone
-    (tmp_path / "f").write_text("x")
-    with pytest.raises(ValueError, match=r"^--out .*/f is a file, not a folder: give a folder path$"):
-        writable_folder(tmp_path / "f")
-    with pytest.raises(ValueError, match=r"^--out .*/f/sub: .*/f is a file, not a folder"):
-        writable_folder(tmp_path / "f" / "sub")
-
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
-    with pytest.raises(ValueError, match=r"^--results .*/c: cannot write in .*/c \(Permission denied\): give a "
-                                         r"writable path$"):
-        writable_folder(tmp_path / "c", "--results")
+    assert environment()["process_settings"] == "not recorded by the caller"

@@ -184,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         return launch(args, build_parser())
     try:
         config = _config_from(args, args.config_fields).validate()
-        setup_runtime(config)
+        settings = setup_runtime(config)
         if args.command == "train":
             return _train(config, args)
         if args.command == "inspect":
             return _inspect(config, args)
-        return _compare(config, args)
+        return _compare(config, args, settings)
     except (ConfigError, DataError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -198,21 +198,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def setup_runtime(config: Config) -> None:
+def setup_runtime(config: Config):
     """Process-wide settings (XLA's flags, read once at backend start; glibc's malloc policy), the
-    devices and the distributed runtime: the entry point's job, never a library module's.
+    devices and the distributed runtime: the entry point's job, never a library module's. Returns
+    the ``graphduo.runtime.ProcessSettings`` applied, for the results to record.
 
     ``--devices N`` on a CPU creates N virtual devices. A multi-process run joins the others
     through ``jax.distributed.initialize``; a watchdog turns a peer that never arrives into a
     one-line error instead of an abort.
     """
+    from graphduo.runtime import apply_process_settings
+
+    settings = apply_process_settings(config.cpu_convolutions, config.host_memory)  # before JAX starts
     import jax
 
-    from graphduo.runtime import apply_cpu_settings, onednn_convolutions
-
-    # First: XLA reads its flags once, when the backend starts.
-    flags, (_, convolutions, _) = apply_cpu_settings(config.cpu_convolutions, config.host_memory)
-    os.environ["XLA_FLAGS"] = flags
     if config.debug_nans:
         jax.config.update("jax_debug_nans", True)
     if config.devices is not None:
@@ -222,10 +221,12 @@ def setup_runtime(config: Config) -> None:
             pass  # backends already started (library use, tests): the devices that exist are used
     if config.multi_process:
         _join_cluster(config)
-    # oneDNN could not load: say why, where it matters (the backend starts here; a GPU's convolutions
-    # are its own library's whatever the CPU setting).
-    if config.cpu_convolutions == "onednn" and not onednn_convolutions() and jax.default_backend() == "cpu":
-        print(f"graphduo: {convolutions}", file=sys.stderr)
+    # A setting asked for that could not take effect here: say so once (a GPU ignores both).
+    skipped = [note for note in settings.notes if "skipped" in note or "already started" in note]
+    if skipped and jax.default_backend() == "cpu":
+        for note in skipped:
+            print(f"graphduo: {note}", file=sys.stderr)
+    return settings
 
 
 def _join_cluster(config: Config) -> None:
@@ -342,13 +343,13 @@ def _render_svg(dot: str, path: str) -> None:
             os.remove(tmp)
 
 
-def _compare(config: Config, args) -> int:
+def _compare(config: Config, args, settings) -> int:
     from graphduo.compare import compare, format_table
 
     def announce(line: str) -> None:
         print(f"graphduo compare: {line}", file=sys.stderr)
 
-    result = compare(config, announce=None if args.quiet else announce)
+    result = compare(config, announce=None if args.quiet else announce, process_settings=settings.record())
     print(json.dumps(result) if args.json else format_table(result))
     if not result["same_loss"]:
         print(f"graphduo compare: error: eager and traced ended at different losses "

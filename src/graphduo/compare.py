@@ -53,13 +53,16 @@ def max_abs_diff(a, b) -> float:
     return max(jax.tree.leaves(diffs))
 
 
-def compare(config: Config, *, warmup: int = 5, announce: Callable[[str], None] | None = None) -> dict[str, Any]:
+def compare(config: Config, *, warmup: int = 5, announce: Callable[[str], None] | None = None,
+            process_settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``config.steps`` steps in eager and in traced mode from identical parameters and batches.
 
     Returns per-mode timings (time to first step, steady-state median and spread, samples/s),
     the speedup, the break-even step count, both final losses and the largest parameter
     difference. Raises ``ModesDisagree`` when the final losses differ beyond ``loss_rtol(backend)``.
     ``announce`` gets one line saying what is about to run, once the config and data are checked.
+    ``process_settings``: what the caller set for the process (``ProcessSettings.record()``), to be
+    recorded in the result's environment.
     """
     run = prepare(config)
     if announce is not None:
@@ -91,7 +94,7 @@ def compare(config: Config, *, warmup: int = 5, announce: Callable[[str], None] 
         "max_param_diff": max_abs_diff(finals["eager"], finals["traced"]),
         "loss_diff": abs(e["final_loss"] - t["final_loss"]),
         "loss_rtol": loss_rtol(jax.default_backend()),
-        "environment": timing.environment(),
+        "environment": timing.environment(process_settings),
     }
     out["same_loss"] = bool(out["loss_diff"] <= out["loss_rtol"] * max(1.0, abs(t["final_loss"])))
     return out

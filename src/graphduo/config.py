@@ -9,7 +9,7 @@ from typing import Any
 from graphduo.data import DATASETS
 from graphduo.models import MODELS
 from graphduo.parallel import PRECISIONS, STRATEGIES
-from graphduo.runtime import CPU_CONVOLUTIONS, HOST_MEMORY
+from graphduo.runtime import CPU_CONVOLUTIONS, DEFAULT_CPU_CONVOLUTIONS, DEFAULT_HOST_MEMORY, HOST_MEMORY
 from graphduo.step import OPTIMIZERS, SCHEDULES
 
 MODES = ("eager", "traced")
@@ -89,18 +89,14 @@ class Config:
     num_processes: int | None = _field(None, "number of processes (with --coordinator)")
     process_id: int | None = _field(None, "this process's index, 0 to num-processes - 1 (with --coordinator)")
     init_timeout: int = _field(300, "seconds to wait for every process to join")
-    cpu_convolutions: str = _field("onednn", "kernels behind the CPU convolutions: onednn (oneDNN, through JAX's FFI: "
-                                   "the CNN step at batch 256 ~1.45x faster here than on eigen; eigen where oneDNN cannot "
-                                   "load, and for convolutions under 100 MFLOP), "
-                                   "eigen (XLA's Eigen path: 2-3x faster here than jax 0.10's YNNPACK default) or "
-                                   "xla (whatever this jaxlib picks); XLA's part set through XLA_FLAGS, unless "
-                                   "XLA_FLAGS already chooses",
-                                   choices=CPU_CONVOLUTIONS)
-    host_memory: str = _field("reuse", "reuse: keep freed host memory for the next step (glibc malloc: no fresh "
-                              "pages per step; the CNN step at batch 256 on Eigen ran 1.4x faster) at the price of "
-                              "holding the peak; system: the C library's own policy. Applied by the command line; "
-                              "a library user calls graphduo.runtime.reuse_host_memory",
-                              choices=HOST_MEMORY)
+    cpu_convolutions: str = _field(
+        DEFAULT_CPU_CONVOLUTIONS, "library behind XLA:CPU's convolutions, a process setting (XLA_FLAGS, unless "
+        "XLA_FLAGS already chooses): eigen (XLA's Eigen convolutions) or xla (whatever this jaxlib picks); no "
+        "effect on a GPU or TPU. Why the default: experiments/RESULTS.md", choices=CPU_CONVOLUTIONS)
+    host_memory: str = _field(
+        DEFAULT_HOST_MEMORY, "host memory policy, a process setting: system (the C library's own) or reuse (glibc "
+        "malloc keeps freed memory mapped for the next step, at the price of holding the peak). Why the "
+        "default: experiments/RESULTS.md", choices=HOST_MEMORY)
 
     @property
     def weight_decay_value(self) -> float:

@@ -29,7 +29,6 @@ import pathlib
 import pickle
 import struct
 import tarfile
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -288,9 +287,25 @@ def _file_digest(path: pathlib.Path, digest: str) -> str:
     return hasher.hexdigest()
 
 
+def _new_part_file(folder: pathlib.Path, name: str) -> tuple[int, str]:
+    """``(fd, path)`` of a new, empty ``.<name>.<random>.part`` file in ``folder``, open for writing.
+
+    Created with mode 0666 less the process's umask, as any file the process writes, so the file
+    renamed into place is as readable as the user's other files (on a shared ``--data-dir`` too);
+    ``tempfile.mkstemp`` would create it private (0600).
+    """
+    for _ in range(100):
+        candidate = folder / f".{name}.{os.urandom(6).hex()}.part"
+        try:
+            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(candidate)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name for {name} in {folder}")
+
+
 def _fetch(url: str, path: pathlib.Path, digest: str) -> None:
     hasher = _hasher(digest)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp_name = _new_part_file(path.parent, path.name)
     tmp = pathlib.Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -506,7 +521,7 @@ def _extract_cifar_tar(tar_path: pathlib.Path, batches: pathlib.Path) -> None:
                 target = wanted.get(member.name.removeprefix("./"))
                 if target is None or not member.isfile():
                     continue
-                fd, tmp_name = tempfile.mkstemp(dir=batches, prefix=f".{target}.", suffix=".part")
+                fd, tmp_name = _new_part_file(batches, target)
                 try:
                     with os.fdopen(fd, "wb") as out, tar.extractfile(member) as src:
                         while chunk := src.read(1 << 20):

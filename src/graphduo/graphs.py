@@ -55,8 +55,7 @@ def hlo_instructions(text: str) -> list[tuple[str, str, str]]:
 # runs an unfused dot or convolution with Eigen; everything else is code XLA generated itself.
 _FUSION_LIBRARIES = {"__ynn": "YNNPACK", "__xnn": "XNNPACK", "__onednn": "oneDNN", "__triton": "Triton",
                      "__cudnn": "cuDNN", "__cublas": "cuBLAS"}
-_CUSTOM_CALL_LIBRARIES = {"__cublas": "cuBLAS", "__cudnn": "cuDNN", "__onednn": "oneDNN",
-                          "graphduo_onednn": "oneDNN (graphduo)"}
+_CUSTOM_CALL_LIBRARIES = {"__cublas": "cuBLAS", "__cudnn": "cuDNN", "__onednn": "oneDNN"}
 _FUSION_KIND = re.compile(r'"(?:fusion_config|fusion_backend_config)":\{[^}]*"kind":"([^"]+)"')  # CPU | GPU
 _CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
@@ -65,9 +64,8 @@ def kernel_library(opcode: str, line: str, platform: str = "cpu") -> str:
     """Which library runs one kernel of a compiled step, from its HLO ``line``: ``YNNPACK``,
     ``Eigen``, ``cuBLAS``, ... or ``XLA codegen`` for the loops XLA emits itself.
 
-    On XLA:CPU this is where a step's matmul and convolution time goes: for example, the weight
-    gradients of a dense layer (``x.T @ g``, contracting the batch) stay plain ``dot``s, run by
-    Eigen, while the forward matmuls become YNNPACK fusions (experiments/RESULTS.md)."""
+    Which library a jaxlib picks for which op changes from release to release; this reads the
+    choice off the compiled step rather than assuming it."""
     if opcode == "fusion":
         kind = _FUSION_KIND.search(line)
         if kind:
@@ -81,22 +79,6 @@ def kernel_library(opcode: str, line: str, platform: str = "cpu") -> str:
     if opcode in ("dot", "convolution"):
         return "Eigen" if platform == "cpu" else f"{platform} {opcode}"
     return "XLA codegen"
-
-
-def step_cost(stages, model: Model, tx, state: TrainState, batch) -> dict[str, float]:
-    """XLA's cost analysis of the training step whose compiled ``stages`` are given: ``flops``,
-    ``transcendentals``, ``bytes accessed``.
-
-    XLA counts nothing inside a custom call, so when the compiled step calls oneDNN
-    (``graphduo.onednn``) the figures come from the same step traced with XLA's convolutions: the
-    same function, whose convolutions XLA does count, all three figures from that one compile.
-    Otherwise they are the step's own, with no second compile."""
-    from graphduo import onednn, runtime
-
-    if not any(target in stages.compiled.as_text() for target in onednn.TARGETS):
-        return stages.cost_analysis()
-    with runtime.xla_convolutions():
-        return TracedStep(make_train_step(model.apply, tx)).stages(state, batch).cost_analysis()
 
 
 def _entry_name(text: str) -> str:
@@ -137,7 +119,7 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
         "kernels_by_opcode": dict(collections.Counter(op for op, _ in kernels).most_common()),
         "kernels_by_library": dict(libraries.most_common()),
         "platform": platform,
-        "cost": step_cost(stages, model, tx, state, batch),
+        "cost": stages.cost_analysis(),
         "memory": stages.memory_analysis(),
         "compile": {"trace_s": stages.record.trace_s, "lower_s": stages.record.lower_s,
                     "compile_s": stages.record.compile_s},

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from graphduo import eager, runtime, traced
+from graphduo import eager, traced
 from graphduo.models import Model
 from graphduo.step import make_eval_step, make_train_step
 
@@ -94,19 +94,6 @@ class Plan:
         return jax.tree.map(np.asarray, jax.device_get(self.eval_params(state.params)))
 
 
-def _with_xla_convolutions(fn: Callable) -> Callable:
-    """``fn``, traced with XLA's convolutions. For the functions XLA's partitioner splits over the
-    devices (``jit`` with shardings): it has no rule for graphduo's oneDNN calls and would gather
-    the batch to run each in full on every device. ``shard_map`` and ``pmap`` steps keep them."""
-
-    @functools.wraps(fn)
-    def traced_with_xla_convolutions(*args):
-        with runtime.xla_convolutions():
-            return fn(*args)
-
-    return traced_with_xla_convolutions
-
-
 def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | None = None,
          precision: str = "fp32") -> Plan:
     """Wrap the shared pure steps for ``mode`` (eager/traced) and ``strategy`` in exactly one place."""
@@ -133,7 +120,6 @@ def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | 
     if mode == eager.MODE and strategy != "shard_map":
         raise ParallelError(f"eager mode runs data-parallel only with --strategy shard_map, not {strategy}")
     mesh = data_mesh(devices)
-    eval_fn = _with_xla_convolutions(eval_fn)  # partitioned by jit from its shardings
     replicated = NamedSharding(mesh, P())
     split = NamedSharding(mesh, P(DATA_AXIS))
     put_replicated = functools.partial(_put_global, sharding=replicated)
@@ -151,7 +137,7 @@ def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | 
         return Plan(strategy, mesh, train_step, eval_step, put_replicated, put_split, _identity)
 
     if strategy == "auto":
-        train_fn = _with_xla_convolutions(make_train_step(model.apply, tx, compute_dtype=dtype))
+        train_fn = make_train_step(model.apply, tx, compute_dtype=dtype)
         train_step = traced.TracedStep(train_fn, donate_argnums=0, in_shardings=(replicated, split),
                                        out_shardings=(replicated, replicated))
         return Plan(strategy, mesh, train_step, eval_step, put_replicated, put_split, _identity)

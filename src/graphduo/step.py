@@ -86,7 +86,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy against integer labels.
 
     Written with ``jax.nn.log_softmax`` (one fused helper) rather than optax's version, which
-    dispatches ~40 more ops per step in eager mode for the same value.
+    dispatches more ops per step in eager mode for the same value (count them with ``graphduo inspect``).
     """
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
 

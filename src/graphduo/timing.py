@@ -1,4 +1,5 @@
-"""The timing harness: one way to time a step, used by ``graphduo compare`` and the experiments.
+"""The timing harness: one way to time a step, used by ``graphduo compare`` and the experiments
+(whose own helpers, such as the matmul ceiling, live in ``experiments/_common.py``).
 
 Rules it enforces: the first call (trace + compile in traced mode, first dispatches in eager mode)
 is timed apart from steady state; every timed call ends with ``block_until_ready`` so asynchronous
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 import platform
 import statistics
 import time
@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from graphduo import paths, runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,21 +78,6 @@ def time_steps(step: Callable[[Any, Any], tuple[Any, Any]], state: Any, batches:
     return state, all_metrics, StepTimes(first, tuple(times))
 
 
-def time_call(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 2) -> StepTimes:
-    """Time a no-argument call ``repeats`` times after ``warmup`` untimed calls (first call apart)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return StepTimes(first, tuple(times))
-
-
 def break_even_steps(first_eager_s: float, step_eager_s: float,
                      first_traced_s: float, step_traced_s: float) -> int | None:
     """The smallest step count n at which traced mode's total time is no more than eager's.
@@ -108,83 +92,28 @@ def break_even_steps(first_eager_s: float, step_eager_s: float,
     return 1 + int(np.ceil((first_traced_s - first_eager_s) / saving))
 
 
-def peak_matmul_size(backend: str | None = None) -> int:
-    """The matmul size ``matmul_peak_flops`` uses by default: one that fills the device. 2048 on a
-    CPU (larger ones run no faster there); 8192 on a GPU or TPU, where a 2048 product takes tens of
-    microseconds and its launch weighs as much as its arithmetic (on an H100: 70 TFLOP/s at 2048,
-    362 at 8192, experiments/RESULTS.md section 7)."""
-    return 2048 if (backend or jax.default_backend()) == "cpu" else 8192
-
-
-def matmul_peak_flops(n: int | None = None, *, repeats: int = 10) -> float:
-    """This machine's practical compute ceiling: FLOP/s of a jitted n x n float32 matmul (median),
-    at JAX's default precision (so on a GPU in the precision the models' float32 matmuls use:
-    TF32 on NVIDIA's since Ampere). ``n``: ``peak_matmul_size()`` unless given."""
-    import jax.numpy as jnp
-
-    n = n or peak_matmul_size()
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    times = time_call(lambda: matmul(a, a), repeats=repeats)
-    return 2 * n**3 / (times.median_ms / 1e3)
-
-
-def minor_page_faults() -> int:
-    """This process's minor page faults so far (``getrusage``): pages the kernel mapped and zeroed
-    on first touch. Around a step, what the host memory policy (``graphduo.runtime``) should keep
-    near zero. POSIX only."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command that produced a result, quoted so it can be pasted back into a shell."""
-    import shlex
-    import sys
-
-    return "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-
-
-def writable_folder(path: str | os.PathLike, what: str = "--out") -> pathlib.Path:
-    """``path`` as a folder that exists and can be written to, made if missing (with its parents).
-
-    For commands that write their results at the end of a long run: call it first, so a bad path
-    fails in a second with one line, not after the measurement. Raises ``ValueError`` whose message
-    names ``what``, the path, the problem and the fix.
-    """
-    return paths.output_folder(path, what, create=True)
-
-
-def describe_machine(env: dict[str, Any]) -> str:
-    """One line naming what ``environment()`` recorded, for the summaries results come with."""
-    device = f"; {env['device_kind']}" if env.get("backend", "cpu") != "cpu" else ""
-    return (f"{env['cpu']}, {env['cpu_count']} cores{device}; jax {env['jax']} ({env['backend']}), "
-            f"python {env['python']}, XLA_FLAGS={env['xla_flags'] or '(none)'}; "
-            f"{env.get('convolutions', 'convolutions: not recorded')}; "
-            f"{env.get('host_memory', 'host memory: not recorded')}")
-
-
-def environment() -> dict[str, Any]:
-    """What a figure was measured on: versions, backend, device and CPU, XLA flags, host memory policy."""
+def environment(process_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a figure was measured on: versions, backend, device and CPU, the XLA flags in effect,
+    and the process settings the entry point applied (``graphduo.runtime.ProcessSettings.record``;
+    ``None`` when the caller did not say: then only ``XLA_FLAGS`` is known)."""
+    import flax
     import jaxlib
+    import optax
 
     device = jax.devices()[0]
-    backend = jax.default_backend()
     return {
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
-        "backend": backend,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "backend": jax.default_backend(),
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "host_memory": runtime.host_memory_note(),
-        "convolutions": (runtime.convolution_note() if backend == "cpu" else
-                         f"convolutions: {device.platform}'s own (the CPU settings do not apply)"),
+        "process_settings": process_settings if process_settings is not None else "not recorded by the caller",
         "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -105,7 +105,7 @@ class TracedStep:
             return self.jitted(*args)
         if self._last is not None:
             # The common case, a call like the last: no signature to compute (flattening the whole
-            # train state cost ~14 us a call on the 2-core CPU, a few percent of a GPU step). The executable checks
+            # train state every call is a visible share of a short step). The executable checks
             # its arguments' tree, shapes and dtypes itself before it runs (nothing donated yet)
             # and raises TypeError on a mismatch: then look the signature up. It does not check
             # weak types, so this path is kept for executables whose arguments were all strongly

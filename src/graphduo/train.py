@@ -1,9 +1,15 @@
 """The training loop, shared by both paradigms: ``train_and_evaluate(config)``.
 
-The loop is written so that Python seldom holds the device back: batches are put on the device
-ahead of use, and step metrics are pulled to the host in groups of ``METRICS_EVERY`` steps (up to
-that many steps in flight), and always before a checkpoint is saved, so a saved state never
-follows an unchecked loss.
+The loop reads top to bottom; each part it calls does one job and is tested on its own:
+
+* ``prepare``: the config checked, the data loaded, the model, optimizer and wrapped steps built
+  (``parallel.plan``, the one place a config becomes wrapped steps and placements); writes nothing.
+* ``CheckpointPolicy``: restore or start afresh; save every K steps, at the end, and on
+  SIGTERM/SIGINT (then stop).
+* ``MetricsBuffer``: step metrics pulled from the device in groups, so Python seldom waits on the
+  device; a non-finite loss stops the run with its own step number.
+* ``Progress``: the progress bar, ``metrics.jsonl``, and samples/s of training alone.
+* ``evaluate`` and ``summarize``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -35,14 +41,21 @@ from graphduo.step import create_train_state, make_optimizer
 
 METRICS_EVERY = 10
 """The loop reads step metrics (loss, accuracy) back from the device in groups of this many steps.
-Reading them every step made Python wait for each step before dispatching the one after next, so
-a GPU, whose steps take a fraction of a millisecond, idled between steps (experiments/RESULTS.md,
-section 7). A NaN loss is still reported with the step that produced it, at most this many steps
-later, and always before a checkpoint is saved."""
+Reading them every step makes Python wait for each step before dispatching the next, so a fast
+device idles between steps. A non-finite loss is still reported with the step that produced it, at
+most this many steps later, and always before a checkpoint is saved."""
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; ``signum`` says which."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def wrap_steps(mode: str, model: Model, tx) -> tuple[Any, Any]:
@@ -62,14 +75,33 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     plan: parallel.Plan
+    run_dir: pathlib.Path
 
     @property
     def epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
+    def initial_state(self):
+        """Fresh parameters and optimizer state from the config's seed, placed for the plan."""
+        return self.plan.put_state(create_train_state(self.model, self.tx, jax.random.key(self.config.seed)))
+
+    def epoch_batches(self, start: int) -> Iterator[tuple[int, Iterator[Any]]]:
+        """``(epoch, batches on the device)`` from step ``start`` to the end: a resumed run
+        continues mid-epoch where it stopped, since batches depend on (seed, epoch, index) only."""
+        first, skip = divmod(start, self.steps_per_epoch)
+        ds, cfg = self.dataset, self.config
+        for epoch in range(first, self.epochs):
+            yield epoch, device_batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                        put=self.plan.put_batch, skip=skip if epoch == first else 0)
+
+    def evaluate(self, state) -> dict[str, float]:
+        plan = self.plan
+        return evaluate(plan.eval_step, plan.eval_params(state.params), self.dataset.x_test, self.dataset.y_test,
+                        put=plan.put_eval_batch or plan.put_batch, multiple=plan.num_devices)
+
 
 def prepare(config: Config) -> Run:
-    """Validate ``config``, load the data and build model and optimizer. Writes nothing."""
+    """Validate ``config``, load the data and build model, optimizer and wrapped steps. Writes nothing."""
     config.validate()
     dataset = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download,
                            synthetic_shape=tuple(config.synthetic_shape),
@@ -93,7 +125,8 @@ def prepare(config: Config) -> Run:
         parallel.check_batch_size(config.batch_size, plan.num_devices)
     except parallel.ParallelError as err:
         raise ConfigError(str(err)) from None
-    return Run(config, dataset, model, tx, total, per_epoch, plan)
+    run_dir = pathlib.Path(config.run_dir) if config.run_dir else default_run_dir(config)
+    return Run(config, dataset, model, tx, total, per_epoch, plan, run_dir)
 
 
 def device_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: int,
@@ -144,47 +177,6 @@ def evaluate(eval_step, params, x: np.ndarray, y: np.ndarray, batch_size: int = 
 def default_run_dir(config: Config) -> pathlib.Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return pathlib.Path("runs") / f"{stamp}-{config.model}-{config.mode}-{config.dataset}"
-
-
-class MetricsWriter:
-    """Metrics as JSON lines, one object per line, flushed as written.
-
-    ``keep_until``: a resumed run first drops the records of steps after its checkpoint (they
-    will be written again) and any torn last line left by a crash, then appends.
-    """
-
-    def __init__(self, path: pathlib.Path, *, keep_until: int = 0):
-        self.path = path
-        if keep_until and path.exists():
-            kept = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get("step", 0) <= keep_until:
-                    kept.append(line + "\n")
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, path)
-        elif path.exists() and not keep_until:
-            path.unlink()  # a fresh start in an old run directory: its metrics are not ours
-        self._file = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class Preempted(RuntimeError):
-    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; ``signum`` says which."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 # Settings a run directory must share with the command that resumes it: they decide the shapes
@@ -244,6 +236,10 @@ def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+
 def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int = 50) -> dict[str, Any]:
     """Train ``config`` end to end, evaluate on the test split every epoch, return a summary.
 
@@ -255,156 +251,77 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
     anything, ``TrainingDiverged`` on a non-finite loss.
     """
     run = prepare(config)
-    ds, plan = run.dataset, run.plan
-    train_step, eval_step = plan.train_step, plan.eval_step
+    check_outputs(config, run.run_dir)
     lead = jax.process_index() == 0  # only process 0 reports and writes
-    run_dir = pathlib.Path(config.run_dir) if config.run_dir else default_run_dir(config)
-    check_outputs(config, run_dir)
-    resuming = check_resumable(run_dir, config)
-    state = create_train_state(run.model, run.tx, jax.random.key(config.seed))
-    n_params = count_params(state.params)
-    state = plan.put_state(state)
-    put = plan.put_batch
-    put_eval = plan.put_eval_batch or put
-
-    ckpt_dir = run_dir / "checkpoints"
-    checkpointer = None
-    if config.checkpoint_every or (resuming and ckpt_dir.is_dir()):
-        checkpointer = Checkpointer(ckpt_dir, keep=config.keep)
-    start = 0
-    if resuming and checkpointer is not None:
-        restored = checkpointer.restore_latest(state)
-        if restored is not None:
-            state, start = restored
-    if start >= run.total_steps and (done := finished_summary(run_dir, start)) is not None:
-        # Run again after it finished (a requeued job, a repeated command): nothing to train, and
-        # its files stay as they are.
-        checkpointer.close()
-        if config.params_out:
-            save_params(plan.host_params(state), config.params_out, write=lead)
-        if lead:
-            asked = "" if start == run.total_steps else f" (this command asks for {run.total_steps})"
-            print(f"graphduo: {run_dir} already finished at step {start}{asked}: nothing to train; its "
-                  f"summary follows. Use a new --run-dir to train again, or more --steps/--epochs to go on.",
-                  file=sys.stderr)
-        return {**done, "process_index": jax.process_index()}
+    checkpoints = CheckpointPolicy(run.run_dir / "checkpoints", every=config.checkpoint_every, keep=config.keep)
+    state, start = checkpoints.restore_or(run.initial_state(), resume=check_resumable(run.run_dir, config))
+    if start >= run.total_steps and (done := finished_summary(run.run_dir, start)) is not None:
+        checkpoints.close()
+        return _already_finished(run, state, start, done, lead)
     if lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if start:
-            print(f"graphduo: resuming {run_dir} from the checkpoint at step {start}", file=sys.stderr)
-    writer = MetricsWriter(run_dir / "metrics.jsonl", keep_until=start) if lead else None
+            print(f"graphduo: resuming {run.run_dir} from the checkpoint at step {start}", file=sys.stderr)
 
-    label = config.mode if plan.mesh is None else f"{config.mode}/{config.strategy}x{plan.num_devices}"
-    bar = _progress_bar(run.total_steps, f"{config.model}/{label}", progress and lead, initial=start)
-    first_step_s = 0.0
-    train_time_s = 0.0  # steady-state steps only: excludes this process's first step and evaluation
-    last = {"loss": float("nan"), "accuracy": float("nan")}
-    evals: list[dict[str, Any]] = []
-    step = start
-    window = _Window()
-    stop = _StopSignal(agree_every=config.checkpoint_every or 10)
-
-    pending: list[tuple[int, Any]] = []  # (step number, metrics still on the device)
-
-    def consume_pending() -> None:
-        # One device_get for the whole group: the device ran these steps while Python dispatched them.
-        fetched = jax.device_get([m for _, m in pending])
-        for (step_no, _), metrics in zip(pending, fetched):
-            consume(step_no, metrics)
-        pending.clear()
-
-    def consume(step_no: int, metrics) -> None:
-        nonlocal last
-        # np.ravel: pmap returns one (identical, averaged) value per device.
-        values = {k: float(np.ravel(v)[0]) for k, v in metrics.items()}
-        if not math.isfinite(values["loss"]):
-            raise TrainingDiverged(
-                f"loss became {values['loss']} at step {step_no}: lower --lr (now {config.lr:g}), "
-                f"add --schedule warmup-cosine --warmup-steps 100, or check the inputs for NaN/Inf")
-        last = values
-        window.add(values)
-        if writer is not None and (step_no % log_every == 0 or step_no == run.total_steps):
-            writer.write({"kind": "train", "step": step_no, **window.mean(), "time_s": time.time()})
-        if bar is not None:
-            bar.update(1)
-            window.show(bar, config.batch_size)
-
-    saved_at = start
-
-    def save(step_no: int) -> None:
-        nonlocal checkpointer, saved_at
-        if checkpointer is None:
-            checkpointer = Checkpointer(ckpt_dir, keep=config.keep)
-        if step_no != saved_at:
-            checkpointer.save(step_no, state)
-            saved_at = step_no
-
+    report = Progress(run, start=start, enabled=progress and lead, write=lead, log_every=log_every)
+    clock = TrainClock()  # steady-state training time: after the first step, evaluation left out
+    pending = MetricsBuffer(report.train, on_bad_loss=lambda step, loss: TrainingDiverged(
+        f"loss became {loss} at step {step}: lower --lr (now {config.lr:g}), add --schedule warmup-cosine "
+        f"--warmup-steps 100, or check the inputs for NaN/Inf"))
+    first_step_s, step, evals = 0.0, start, []
     profiler = jax.profiler.trace(config.profile, create_perfetto_trace=True) if config.profile else contextlib.nullcontext()
-    try:
-        with stop, profiler:
-            epoch0, skip = divmod(start, run.steps_per_epoch)
-            for epoch in range(epoch0, run.epochs):
-                t_epoch = time.perf_counter()
-                batches = device_batches(ds.x_train, ds.y_train, config.batch_size, seed=config.seed,
-                                         epoch=epoch, put=put, skip=skip if epoch == epoch0 else 0)
-                for batch in batches:
-                    if step >= run.total_steps:
-                        break
-                    if step == start:
-                        t0 = time.perf_counter()
-                        state, metrics = train_step(state, batch)
-                        jax.block_until_ready(state)
-                        first_step_s = time.perf_counter() - t0
-                        t_epoch = time.perf_counter()
-                        window.restart_clock()
-                    else:
-                        state, metrics = train_step(state, batch)
-                    step += 1
-                    pending.append((step, metrics))
-                    if len(pending) >= METRICS_EVERY:
-                        consume_pending()
-                    if config.checkpoint_every and step % config.checkpoint_every == 0:
-                        consume_pending()  # a NaN must stop the run before it is saved
-                        save(step)
-                    if stop.agreed(step):
-                        consume_pending()
-                        save(step)
-                        checkpointer.wait()
-                        raise Preempted(f"stopped by {stop.name} at step {step}; checkpoint saved in {ckpt_dir}: "
-                                        f"run the same command to resume", stop.signum)
-                consume_pending()
-                if bar is not None and window.values:
-                    window.show(bar, config.batch_size, force=True)  # the epoch's last figures
-                jax.block_until_ready(state)
-                train_time_s += time.perf_counter() - t_epoch
-                result = evaluate(eval_step, plan.eval_params(state.params), ds.x_test, ds.y_test,
-                                  put=put_eval, multiple=plan.num_devices)
-                record = {"kind": "eval", "epoch": epoch + 1, "step": step,
-                          "test_loss": result["loss"], "test_accuracy": result["accuracy"]}
-                if writer is not None:
-                    writer.write(record)
-                evals.append(record)
-                if bar is not None:
-                    bar.write(f"epoch {epoch + 1}/{run.epochs}  step {step}  test loss {result['loss']:.4f}  "
-                              f"test accuracy {result['accuracy']:.2%}", file=sys.stderr)
-            if config.checkpoint_every:
-                save(step)
-    finally:
-        if checkpointer is not None:
-            checkpointer.close()
-        if writer is not None:
-            writer.close()
-        if bar is not None:
-            bar.close()
+    with checkpoints, report, profiler:
+        for epoch, batches in run.epoch_batches(start):
+            if step > start:
+                clock.start()  # again after the previous epoch's evaluation
+            for batch in itertools.islice(batches, run.total_steps - step):
+                t0 = time.perf_counter()
+                state, metrics = run.plan.train_step(state, batch)
+                step += 1
+                if step == start + 1:  # the first step (it compiles in traced mode) is timed apart
+                    jax.block_until_ready(state)
+                    first_step_s = time.perf_counter() - t0
+                    clock.start()
+                pending.add(step, metrics)
+                checkpoints.after_step(step, state, before_saving=pending.flush)
+            pending.flush()
+            jax.block_until_ready(state)
+            clock.stop()
+            evals.append(report.evaluation(epoch, step, run.evaluate(state)))
+        checkpoints.finish(step, state)
+    if not evals:  # nothing was left to train: evaluate once
+        evals.append(report.evaluation(None, step, run.evaluate(state)))
+    summary = summarize(run, start=start, steps=step, last=pending.last, evaluation=evals[-1],
+                        first_step_s=first_step_s, train_time_s=clock.seconds())
+    if config.params_out:
+        save_params(run.plan.host_params(state), config.params_out, write=lead)
+    if lead:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
-    if not evals:  # resumed a finished run: nothing left to train, evaluate once
-        result = evaluate(eval_step, plan.eval_params(state.params), ds.x_test, ds.y_test,
-                          put=put_eval, multiple=plan.num_devices)
-        evals.append({"test_loss": result["loss"], "test_accuracy": result["accuracy"]})
-    steady_steps = step - start - 1
+
+def _already_finished(run: Run, state, step: int, summary: dict[str, Any], lead: bool) -> dict[str, Any]:
+    """A run started again after it finished (a requeued job, a repeated command): nothing to
+    train, and its files stay as they are."""
+    if run.config.params_out:
+        save_params(run.plan.host_params(state), run.config.params_out, write=lead)
+    if lead:
+        asked = "" if step == run.total_steps else f" (this command asks for {run.total_steps})"
+        print(f"graphduo: {run.run_dir} already finished at step {step}{asked}: nothing to train; its "
+              f"summary follows. Use a new --run-dir to train again, or more --steps/--epochs to go on.",
+              file=sys.stderr)
+    return {**summary, "process_index": jax.process_index()}
+
+
+def summarize(run: Run, *, start: int, steps: int, last: dict[str, float], evaluation: dict[str, Any],
+              first_step_s: float, train_time_s: float) -> dict[str, Any]:
+    """The run's summary: what ran, how it ended, and how fast (steady state: every step after
+    this process's first, evaluation excluded)."""
+    config, plan = run.config, run.plan
+    steady_steps = steps - start - 1
     step_time_ms = train_time_s / steady_steps * 1e3 if steady_steps > 0 else float("nan")
-    summary = {
+    return {
         "model": config.model,
         "mode": config.mode,
         "dataset": config.dataset,
@@ -415,28 +332,264 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
         "process_index": jax.process_index(),
         "precision": config.precision,
         "batch_size": config.batch_size,
-        "steps": step,
+        "steps": steps,
         "resumed_from": start,
         "epochs": run.epochs,
-        "params": n_params,
-        "final_loss": last["loss"],
-        "final_accuracy": last["accuracy"],
-        "test_loss": evals[-1]["test_loss"],
-        "test_accuracy": evals[-1]["test_accuracy"],
+        "params": count_params(jax.eval_shape(run.model.init, jax.random.key(0))),
+        "final_loss": last.get("loss", float("nan")),
+        "final_accuracy": last.get("accuracy", float("nan")),
+        "test_loss": evaluation["test_loss"],
+        "test_accuracy": evaluation["test_accuracy"],
         "first_step_s": first_step_s,
         "step_time_ms": step_time_ms,
         "samples_per_s": config.batch_size / (step_time_ms / 1e3),
-        "compile_time_s": sum(s.compile_time_s for s in (train_step, eval_step)
+        "compile_time_s": sum(s.compile_time_s for s in (plan.train_step, plan.eval_step)
                               if isinstance(s, traced.TracedStep)),
-        "compiles": len(train_step.compiles),
-        "eval_compiles": len(eval_step.compiles),
-        "run_dir": str(run_dir),
+        "compiles": len(plan.train_step.compiles),
+        "eval_compiles": len(plan.eval_step.compiles),
+        "run_dir": str(run.run_dir),
     }
-    if config.params_out:
-        save_params(plan.host_params(state), config.params_out, write=lead)
-    if lead:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+
+
+class TrainClock:
+    """Wall time spent training: started and stopped around the stretches that count."""
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter):
+        self._now = now
+        self._total = 0.0
+        self._since: float | None = None
+
+    def start(self) -> None:
+        if self._since is None:
+            self._since = self._now()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self._total += self._now() - self._since
+            self._since = None
+
+    def seconds(self) -> float:
+        return self._total + (self._now() - self._since if self._since is not None else 0.0)
+
+
+class MetricsBuffer:
+    """Step metrics held on the device and read back in groups of ``every`` steps.
+
+    ``flush()`` reads what is pending with one ``device_get``, checks each loss in step order and
+    hands the group to ``on_group([(step, values), ...])``; a non-finite loss raises
+    ``on_bad_loss(step, loss)`` (an exception) instead, naming the first bad step.
+    """
+
+    def __init__(self, on_group: Callable[[list[tuple[int, dict[str, float]]]], None], *,
+                 on_bad_loss: Callable[[int, float], Exception], every: int = METRICS_EVERY):
+        self._on_group = on_group
+        self._on_bad_loss = on_bad_loss
+        self.every = every
+        self._pending: list[tuple[int, Any]] = []
+        self.last: dict[str, float] = {}
+
+    def add(self, step: int, metrics) -> None:
+        self._pending.append((step, metrics))
+        if len(self._pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        fetched = jax.device_get([m for _, m in self._pending])
+        steps = [s for s, _ in self._pending]
+        self._pending.clear()
+        group = []
+        for step, metrics in zip(steps, fetched):
+            # np.ravel: pmap returns one (identical, averaged) value per device.
+            values = {k: float(np.ravel(v)[0]) for k, v in metrics.items()}
+            if not math.isfinite(values["loss"]):
+                raise self._on_bad_loss(step, values["loss"])
+            group.append((step, values))
+        self.last = group[-1][1]
+        self._on_group(group)
+
+
+class Progress:
+    """What a run reports as it goes: the progress bar (loss, accuracy, samples/s), ``metrics.jsonl``
+    (a ``train`` record every ``log_every`` steps, an ``eval`` record per evaluation) and the
+    evaluation lines. samples/s counts training time only: the steps of each group read back
+    against the training time between reads, evaluation left out. A context manager: it closes
+    the file and the bar."""
+
+    def __init__(self, run: Run, *, start: int, enabled: bool, write: bool, log_every: int,
+                 now: Callable[[], float] = time.perf_counter):
+        config = run.config
+        self.total, self.batch_size, self.log_every, self.epochs = run.total_steps, config.batch_size, log_every, run.epochs
+        self.writer = MetricsWriter(run.run_dir / "metrics.jsonl", keep_until=start) if write else None
+        label = config.mode if run.plan.mesh is None else f"{config.mode}/{config.strategy}x{run.plan.num_devices}"
+        self.bar = _progress_bar(self.total, f"{config.model}/{label}", enabled, initial=start)
+        self.window: deque = deque(maxlen=50)
+        self._now = now
+        self._mark: float | None = None  # when the last group was read (None: the clock is paused)
+        self._steps = 0  # steps read since the rate was last shown
+        self._seconds = 0.0  # training time they took
+        self._shown = -math.inf
+        self._rate_text = ""
+
+    def train(self, group: list[tuple[int, dict[str, float]]]) -> None:
+        """One group of step metrics, just read back: every step in it has finished."""
+        now = self._now()
+        if self._mark is not None:
+            self._steps += len(group)
+            self._seconds += now - self._mark
+        self._mark = now
+        for step, values in group:
+            self.window.append(values)
+            if self.writer is not None and (step % self.log_every == 0 or step == self.total):
+                self.writer.write({"kind": "train", "step": step, **self.mean(), "time_s": time.time()})
+        if self.bar is not None:
+            self.bar.update(len(group))
+            self._show(force=False)
+
+    def mean(self) -> dict[str, float]:
+        return {k: float(np.mean([v[k] for v in self.window])) for k in self.window[0]}
+
+    def rate(self) -> float | None:
+        """Samples/s over the groups read since the rate was last shown (None before two reads)."""
+        return self._steps * self.batch_size / self._seconds if self._steps and self._seconds > 0 else None
+
+    def _show(self, force: bool) -> None:
+        now = self._now()
+        if not self.window or (now - self._shown < 0.5 and not force):
+            return
+        rate = self.rate()
+        if rate is not None:  # else the last rate shown stays (no two reads since, e.g. after an evaluation)
+            self._rate_text = f"  {rate:,.0f} samples/s"
+            self._steps, self._seconds = 0, 0.0
+        m = self.mean()
+        self.bar.set_postfix_str(f"loss {m['loss']:.4f}  acc {m['accuracy']:.2%}{self._rate_text}", refresh=False)
+        self._shown = now
+
+    def evaluation(self, epoch: int | None, step: int, result: dict[str, float]) -> dict[str, Any]:
+        """Report one evaluation; the training clock is paused from the last read until the next."""
+        self._mark = None
+        record = {"kind": "eval", "epoch": None if epoch is None else epoch + 1, "step": step,
+                  "test_loss": result["loss"], "test_accuracy": result["accuracy"]}
+        if epoch is None:
+            return record
+        if self.writer is not None:
+            self.writer.write(record)
+        if self.bar is not None:
+            self._show(force=True)
+            self.bar.write(f"epoch {epoch + 1}/{self.epochs}  step {step}  test loss {result['loss']:.4f}  "
+                           f"test accuracy {result['accuracy']:.2%}", file=sys.stderr)
+        return record
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+
+class MetricsWriter:
+    """Metrics as JSON lines, one object per line, flushed as written.
+
+    ``keep_until``: a resumed run first drops the records of steps after its checkpoint (they
+    will be written again) and any torn last line left by a crash, then appends.
+    """
+
+    def __init__(self, path: pathlib.Path, *, keep_until: int = 0):
+        self.path = path
+        if keep_until and path.exists():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("step", 0) <= keep_until:
+                    kept.append(line + "\n")
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
+        elif path.exists() and not keep_until:
+            path.unlink()  # a fresh start in an old run directory: its metrics are not ours
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class CheckpointPolicy:
+    """When the loop saves the train state: every ``every`` steps (``None``: never on a
+    schedule), once more at the end when ``every`` is set, and at the next step boundary after
+    SIGTERM/SIGINT, after which it raises ``Preempted``. A context manager: within it the two
+    signals are caught (a second one exits at once); on leaving, saves in flight are finished.
+    """
+
+    def __init__(self, directory: pathlib.Path, *, every: int | None, keep: int):
+        self.directory = directory
+        self.every = every
+        self.keep = keep
+        self.checkpointer: Checkpointer | None = None
+        self.saved_at = 0
+        self.stop = _StopSignal(agree_every=every or 10)
+
+    def restore_or(self, fresh, *, resume: bool) -> tuple[Any, int]:
+        """``(state, step)`` from the newest complete checkpoint when ``resume`` and there is one,
+        else ``(fresh, 0)``; ``fresh`` is also the template the checkpoint is restored into."""
+        if self.every or (resume and self.directory.is_dir()):
+            self.checkpointer = Checkpointer(self.directory, keep=self.keep)
+        if resume and self.checkpointer is not None:
+            restored = self.checkpointer.restore_latest(fresh)
+            if restored is not None:
+                self.saved_at = restored[1]
+                return restored
+        return fresh, 0
+
+    def save(self, step: int, state) -> None:
+        if self.checkpointer is None:
+            self.checkpointer = Checkpointer(self.directory, keep=self.keep)
+        if step != self.saved_at:
+            self.checkpointer.save(step, state)
+            self.saved_at = step
+
+    def after_step(self, step: int, state, *, before_saving: Callable[[], None]) -> None:
+        """Save if ``step`` is due, or stop if a signal came; ``before_saving`` runs first (the
+        metrics check: a state whose loss is already NaN must never be saved)."""
+        if self.every and step % self.every == 0:
+            before_saving()
+            self.save(step, state)
+        if self.stop.agreed(step):
+            before_saving()
+            self.save(step, state)
+            self.checkpointer.wait()
+            raise Preempted(f"stopped by {self.stop.name} at step {step}; checkpoint saved in {self.directory}: "
+                            f"run the same command to resume", self.stop.signum)
+
+    def finish(self, step: int, state) -> None:
+        if self.every:
+            self.save(step, state)
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+
+    def __enter__(self):
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.close()
+        finally:
+            self.stop.__exit__(*exc)
+        return False
 
 
 class _StopSignal:
@@ -465,6 +618,7 @@ class _StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
         return False
 
     def _handle(self, signum, frame):
@@ -505,36 +659,6 @@ def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The flat ``{"Dense_0/kernel": array, ...}`` mapping written by ``save_params``."""
     with np.load(path) as data:
         return dict(data)
-
-
-class _Window:
-    """Running means of recent step metrics, for the progress bar and the train records."""
-
-    def __init__(self, size: int = 50):
-        self.values: deque = deque(maxlen=size)
-        self._shown = 0.0
-        self._t = time.perf_counter()
-        self._count = 0
-
-    def restart_clock(self) -> None:
-        self._t, self._count = time.perf_counter(), 0
-
-    def add(self, values: dict[str, float]) -> None:
-        self.values.append(values)
-        self._count += 1
-
-    def mean(self) -> dict[str, float]:
-        return {k: float(np.mean([v[k] for v in self.values])) for k in self.values[0]}
-
-    def show(self, bar, batch_size: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if self._count == 0 or (now - self._shown < 0.5 and not force):
-            return
-        rate = self._count * batch_size / max(now - self._t, 1e-9)
-        m = self.mean()
-        bar.set_postfix_str(f"loss {m['loss']:.4f}  acc {m['accuracy']:.2%}  {rate:,.0f} samples/s",
-                            refresh=False)
-        self._shown, self._t, self._count = now, now, 0
 
 
 def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):

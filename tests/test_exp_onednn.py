@@ -1,6 +1,7 @@
-"""oneDNN's convolutions through JAX's FFI (graphduo.onednn): same function as XLA's convolution,
-gradients included, against an independent float64 reference; wired into the models only where
-chosen; failures reported, never silent."""
+"""experiments/_onednn.py: oneDNN's convolutions through JAX's FFI compute the same function as XLA's
+convolution, gradients included, against an independent float64 reference, at the installed jaxlib
+(the FFI structs are hand-copied: each end of graphduo's jax range must pass); cnn_step.py's
+``onednn`` formulation calls them only where it says; failures are reported, never silent."""
 
 import platform
 import sys
@@ -10,13 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from graphduo import build_model, make_optimizer, onednn, runtime
+from graphduo import build_model, make_optimizer
 from graphduo.models import cnn_apply
+from test_experiments import load_script
 
-# graphduo depends on onednn-cpu-gomp where its wheel exists (pyproject.toml): there oneDNN must work,
-# and these tests fail if it does not load. Elsewhere graphduo keeps XLA's convolutions.
+onednn = load_script("_onednn")
+
+# The dev extra installs onednn-cpu-gomp where its wheel exists (pyproject.toml): there oneDNN must
+# load, and these tests fail if it does not. Its wheel exists for Linux x86-64 only.
 pytestmark = pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
                                 reason="onednn-cpu-gomp exists for Linux x86-64 only")
+
+
+@pytest.fixture(scope="module")
+def cnn_step():
+    return load_script("cnn_step")
 
 
 def reference_conv(x, kernel):
@@ -88,73 +97,65 @@ def test_gradients_match_xla(x_shape, k_shape):
 
 
 @pytest.fixture
-def convolutions(monkeypatch):
-    """Switch the models' convolution kernels for one test, then back to the suite's setting; the
-    test models are small, so every convolution of theirs goes to oneDNN when chosen."""
-    from graphduo import models
-
-    monkeypatch.setattr(models, "ONEDNN_MIN_FLOPS", 0)
-    before = runtime.onednn_convolutions()
-    yield runtime.use_cpu_convolutions
-    runtime.use_cpu_convolutions("onednn" if before else "eigen")
+def every_convolution(cnn_step, monkeypatch):
+    """cnn_step with no size threshold for oneDNN: the test models are small."""
+    monkeypatch.setattr(cnn_step, "ONEDNN_MIN_FLOPS", 0)
+    return cnn_step
 
 
-def _hlo(model, tx):
+def _hlo(apply, model, tx):
     from graphduo.step import create_train_state, make_train_step
 
     state = create_train_state(model, tx, jax.random.key(0))
     batch = {"image": jnp.zeros((8, 28, 28, 1)), "label": jnp.zeros((8,), jnp.int32)}
-    return jax.jit(make_train_step(model.apply, tx)).lower(state, batch).as_text()
+    return jax.jit(make_train_step(apply, tx)).lower(state, batch).as_text()
 
 
-def test_the_cnn_runs_on_onednn_only_where_chosen(convolutions):
+def test_the_cnn_runs_on_onednn_only_in_its_formulation(every_convolution):
+    cnn_step = every_convolution
     model, tx = build_model("cnn", (28, 28, 1), 10, channels=(4, 8), dense=16), make_optimizer("adam", 1e-3)
-    assert convolutions("onednn") == "convolutions: oneDNN (graphduo's FFI calls)"
-    hlo = _hlo(model, tx)
-    # conv2's forward and both gradients, conv1's weight gradient; conv1's forward is multiply-adds
-    # and its input gradient is never needed (the image is data).
-    assert [t for t in onednn.TARGETS if t in hlo] == list(onednn.TARGETS)
+    fns, unavailable = cnn_step.formulations(model)
+    assert unavailable == {} and list(fns) == list(cnn_step.FORMULATIONS)
+    hlo = _hlo(fns["onednn"], model, tx)
+    # both convolutions forward, both weight gradients, conv2's input gradient (the image's is never
+    # needed: it is data); no convolution left to XLA
+    calls = {t: hlo.count(f"@{t}(") for t in onednn.TARGETS}
+    assert calls == {onednn.TARGETS[0]: 2, onednn.TARGETS[1]: 1, onednn.TARGETS[2]: 2}, calls
     assert "convolution(" not in hlo.replace("conv_general_dilated", "")
-    assert convolutions("eigen") == "convolutions: XLA's"
-    assert not any(t in _hlo(model, tx) for t in onednn.TARGETS)
+    for name in ("graphduo", "lax-convolutions", "flax"):  # the others never call it
+        assert not any(t in _hlo(fns[name], model, tx) for t in onednn.TARGETS), name
 
 
-def test_the_cnn_computes_the_same_on_either(convolutions):
+def test_the_cnn_computes_the_same_on_either(every_convolution):
     model = build_model("cnn", (28, 28, 1), 10, channels=(4, 8), dense=16)
     params = model.init(jax.random.key(0))
     x = jnp.asarray(np.random.default_rng(0).random((8, 28, 28, 1), dtype=np.float32))
 
-    def loss_and_grads():
-        return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(cnn_apply(p, x))))(params)
+    def loss_and_grads(apply):
+        return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(apply(p, x))))(params)
 
-    convolutions("onednn")
-    mine = loss_and_grads()
-    convolutions("eigen")
-    want = loss_and_grads()
+    mine = loss_and_grads(every_convolution.formulations(model)[0]["onednn"])
+    want = loss_and_grads(cnn_apply)
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(want)):
         assert np.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_small_convolutions_stay_on_xla():
-    from graphduo import models
-
-    runtime.use_cpu_convolutions("onednn")  # the suite's setting, restated
+def test_small_convolutions_stay_on_xla(cnn_step):
     small, large = (8, 14, 14, 32), (32, 14, 14, 32)  # second CNN layer at batch 8 and 32: 58 and 231 MFLOP
     kernel = jnp.zeros((3, 3, 32, 64))
+    assert cnn_step.conv_flops(small, kernel.shape) < cnn_step.ONEDNN_MIN_FLOPS <= cnn_step.conv_flops(large, kernel.shape)
 
     def targets(x_shape):
-        hlo = jax.jit(models.conv_same).lower(jnp.zeros(x_shape), kernel).as_text()
+        hlo = jax.jit(cnn_step.onednn_conv).lower(jnp.zeros(x_shape), kernel).as_text()
         return [t for t in onednn.TARGETS if t in hlo]
 
     assert targets(small) == [] and targets(large) == [onednn.TARGETS[0]]
 
 
-def test_bfloat16_and_other_backends_keep_xla(convolutions):
-    convolutions("onednn")
+def test_bfloat16_keeps_xla(every_convolution):
     x, kernel = _inputs((2, 6, 6, 3), (3, 3, 3, 4))
-    from graphduo.models import conv_same
-
-    hlo = jax.jit(conv_same).lower(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)).as_text()
+    lowered = jax.jit(every_convolution.onednn_conv).lower(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    hlo = lowered.as_text()
     assert not any(t in hlo for t in onednn.TARGETS) and "convolution" in hlo
 
 
@@ -168,19 +169,25 @@ def test_a_failing_call_is_an_error_not_a_wrong_result(monkeypatch):
         jax.block_until_ready(jax.jit(onednn.conv_same)(x, kernel + 1))  # a new input: no cached result
 
 
-def test_missing_library_falls_back_with_the_reason(monkeypatch, convolutions):
+def test_missing_library_is_a_one_line_reason(monkeypatch, cnn_step):
     from importlib import metadata
 
     def not_installed(name):
         raise metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(metadata, "distribution", not_installed)
-    with pytest.raises(onednn.OneDNNUnavailable, match="the onednn-cpu-gomp package is not installed"):
+    with pytest.raises(onednn.OneDNNUnavailable, match="the onednn-cpu-gomp package is not installed") as err:
         onednn.library_path()
-    monkeypatch.setattr(onednn, "available", lambda: "the onednn-cpu-gomp package is not installed")
-    note = convolutions("onednn")
-    assert note == "convolutions: XLA's (oneDNN unavailable: the onednn-cpu-gomp package is not installed)"
-    assert not runtime.onednn_convolutions()
+    assert "\n" not in str(err.value) and 'pip install -c constraints.txt ".[onednn]"' in str(err.value)
+
+    def cannot_load():
+        raise onednn.OneDNNUnavailable("libdnnl does not load (no libgomp)")
+
+    monkeypatch.setattr(onednn, "_dnnl", cannot_load)
+    assert onednn.available() == "libdnnl does not load (no libgomp)"
+    # cnn_step then runs its other formulations and records why this one is missing
+    fns, unavailable = cnn_step.formulations(build_model("cnn", (28, 28, 1), 10))
+    assert "onednn" not in fns and unavailable == {"onednn": "oneDNN unavailable: libdnnl does not load (no libgomp)"}
 
 
 def test_shapes_and_dtypes_that_do_not_fit_are_refused():
@@ -215,24 +222,3 @@ def test_calls_run_on_one_thread_of_graphdous(monkeypatch):
     for _ in range(3):
         jax.block_until_ready(jax.jit(onednn.conv_same)(x, kernel + len(names)))
     assert len(names) == 3 and all(n.startswith("graphduo-onednn") for n in names), names
-
-
-@pytest.mark.parametrize("strategy,calls", [("auto", False), ("shard_map", True), ("pmap", True)])
-def test_only_steps_split_by_hand_call_onednn_on_several_devices(convolutions, strategy, calls):
-    """XLA's partitioner cannot split a custom call: under jit with shardings it would gather the batch
-    and run every call in full on each device, so those steps keep XLA's convolutions."""
-    from graphduo import parallel
-    from graphduo.step import create_train_state
-
-    convolutions("onednn")
-    model, tx = build_model("cnn", (8, 8, 1), 10, channels=(4, 8), dense=16), make_optimizer("adam", 1e-3)
-    p = parallel.plan("traced", model, tx, strategy=strategy, devices=2)
-    state = p.put_state(create_train_state(model, tx, jax.random.key(0)))
-    batch = p.put_batch({"image": np.zeros((8, 8, 8, 1), np.float32), "label": np.zeros((8,), np.int32)})
-    hlo = p.train_step.stages(state, batch).compiled.as_text()
-    assert any(t in hlo for t in onednn.TARGETS) == calls
-    if strategy != "pmap":  # evaluation: jit with shardings (pmap's plan feeds it the same way)
-        eval_batch = p.put_batch({"image": np.zeros((8, 8, 8, 1), np.float32), "label": np.zeros((8,), np.int32),
-                                  "mask": np.ones((8,), np.float32)})
-        eval_hlo = p.eval_step.stages(p.eval_params(state.params), eval_batch).compiled.as_text()
-        assert "convolution" in eval_hlo and not any(t in eval_hlo for t in onednn.TARGETS)

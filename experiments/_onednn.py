@@ -1,35 +1,35 @@
-"""oneDNN's convolutions inside XLA:CPU programs, through JAX's FFI and ``ctypes``.
+"""oneDNN's convolutions inside XLA:CPU programs, through JAX's FFI and ``ctypes``: an experiment.
 
-Why: on the CPU measured, oneDNN (the library behind PyTorch's CPU convolutions) runs the CNN's
-second convolution at batch 256 in ~9 ms forward, ~9 ms input gradient and ~9 ms weight gradient,
-where XLA:CPU's Eigen path takes ~12, ~12 and ~17 ms, and Eigen's weight gradient also makes XLA
-transpose both of its operands first (experiments/RESULTS.md, section 6). jaxlib carries oneDNN
-but its XLA never hands convolutions to it.
+Why: oneDNN (the library behind PyTorch's CPU convolutions) ran the CNN's larger convolutions and
+their gradients faster than XLA:CPU's own paths on the CPUs measured (experiments/RESULTS.md, "The
+CNN step"); jaxlib carries oneDNN, but its XLA never hands convolutions to it. graphduo's models do
+not use this module: they are portable JAX. ``experiments/cnn_step.py`` measures a CNN formulation
+that calls ``conv_same``, and ``experiments/mlp_step.py`` one whose matmuls are oneDNN's GEMM through
+``ffi_handler``. It needs the ``onednn`` extra (``pip install -c constraints.txt ".[onednn]"``: the
+``onednn-cpu-gomp`` wheel, Linux x86-64 only); elsewhere ``available()`` says why it cannot load.
 
 How: ``libdnnl`` from the ``onednn-cpu-gomp`` wheel (oneDNN 3.2, GNU OpenMP) is loaded with
-``ctypes``; graphduo has no compiled code of its own. For each convolution shape, oneDNN's
-primitives (forward, backward data, backward weights, and the reorders of the kernel between
-graphduo's HWIO layout and the blocked layout oneDNN picks) are built once and cached.
-Activations stay in graphduo's NHWC layout, which oneDNN reads and writes directly. Three FFI
-targets (``graphduo_onednn_conv_*``) are registered with XLA once per process; their handlers are
-``ctypes`` callbacks that XLA calls with its own buffers, so nothing is copied: oneDNN reads the
-operands where XLA keeps them and writes into the output buffer XLA gives it. Every call runs on
-one dedicated thread of graphduo's, whatever XLA worker asked for it: GNU OpenMP keeps a thread pool
-per calling thread, so calls from XLA's many workers would each grow one; one call at a time (two
-at once would only share the same cores); oneDNN itself runs with the GIL released.
+``ctypes``; there is no compiled code here. For each convolution shape, oneDNN's primitives
+(forward, backward data, backward weights, and the reorders of the kernel between the HWIO layout
+and the blocked layout oneDNN picks) are built once and cached. Activations stay in the NHWC layout,
+which oneDNN reads and writes directly. Three FFI targets (``graphduo_onednn_conv_*``) are
+registered with XLA once per process; their handlers are ``ctypes`` callbacks that XLA calls with
+its own buffers, so nothing is copied: oneDNN reads the operands where XLA keeps them and writes
+into the output buffer XLA gives it. Every call runs on one dedicated thread of this module's,
+whatever XLA worker asked for it: GNU OpenMP keeps a thread pool per calling thread, so calls from
+XLA's many workers would each grow one; one call at a time (two at once would only share the same
+cores); oneDNN itself runs with the GIL released.
 
-XLA's partitioner knows no rule for these calls (under ``jit`` with shardings it would gather the
-batch and run each call in full on every device), so ``graphduo.parallel`` traces the functions
-it leaves to the partitioner with XLA's convolutions; ``shard_map`` and ``pmap`` steps call oneDNN
-per device on the local batch.
+The FFI side is XLA's C API (version 0.3) as hand-copied ``ctypes`` structs: a layout change in a
+later jaxlib would corrupt memory rather than raise, which is one reason this lives in experiments/
+and not in the library; ``tests/test_exp_onednn.py`` checks the calls against XLA's convolution at
+each end of graphduo's jax range. XLA's partitioner knows no rule for these calls (under ``jit``
+with shardings it would gather the batch and run each call in full on every device): the
+experiments call them on one device.
 
 What it computes is ``lax.conv_general_dilated(x, kernel, (1, 1), "SAME")`` on NHWC/HWIO float32
-arrays, with its gradients: the same sums in another order (tests/test_onednn.py bounds the
+arrays, with its gradients: the same sums in another order (``tests/test_exp_onednn.py`` bounds the
 difference against XLA's convolution and against a float64 reference).
-
-``conv_same`` is what models call; ``available()`` says whether the library loads here. Whether
-graphduo's models use it is a process-wide choice made by entry points
-(``graphduo.runtime.use_cpu_convolutions``).
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def library_path() -> str:
     try:
         files = metadata.distribution(DISTRIBUTION).files or []
     except metadata.PackageNotFoundError:
-        raise OneDNNUnavailable(f"the {DISTRIBUTION} package is not installed (pip install {DISTRIBUTION})") from None
+        raise OneDNNUnavailable(f"the {DISTRIBUTION} package is not installed (from the repository root: "
+                                f"pip install -c constraints.txt \".[onednn]\")") from None
     for f in files:
         if f.name == "libdnnl.so.3":
             return str(f.locate().resolve())
@@ -268,7 +269,7 @@ class _Convolution:
             d.memory(diff_w, _MEMORY_ALLOCATE)
         self.to_fwd_w, self.to_bwd_w, self.from_diff_w = d.reorder(user_w, fwd_w), d.reorder(user_w, bwd_w), \
             d.reorder(diff_w, user_w)
-        # graphduo's buffers (XLA's), pointed at anew by every call.
+        # XLA's buffers, pointed at anew by every call.
         self.x, self.y, self.w = d.memory(src), d.memory(dst), d.memory(user_w)
 
     def forward(self, x: int, kernel: int, out: int) -> None:
@@ -331,7 +332,7 @@ def _run(kind: str, frame: _CallFrame) -> None:
     (x, g -> dkernel); run on the executor thread, this XLA worker waiting for it."""
     args, rets = frame_buffers(frame)
     if len(args) != 2 or len(rets) != 1 or any(b.dtype != _FFI_F32 for b in (*args, *rets)):
-        raise TypeError("graphduo's oneDNN convolutions take two float32 arrays and return one")
+        raise TypeError("these oneDNN convolutions take two float32 arrays and return one")
     (a, b), (out,) = args, rets
     x_shape, kernel_shape = _shapes(kind, _shape(a), _shape(b), _shape(out))
     pointers = (a.data, b.data, out.data)
@@ -356,8 +357,8 @@ def ffi_handler(run: Callable[[_CallFrame], None], what: str):
     It answers XLA's question about the FFI version it speaks, calls ``run`` with the call frame at
     the execute stage (``frame_buffers`` reads its operands and results), and turns any exception
     into an FFI error that XLA raises in the caller (``JaxRuntimeError``) instead of handing on
-    whatever is in the output buffer. ``what`` names the call in that error. graphduo's convolutions
-    are built on it, and so is the matmul ``experiments/mlp_step.py`` measures."""
+    whatever is in the output buffer. ``what`` names the call in that error. This module's
+    convolutions are built on it, and so is the GEMM ``experiments/mlp_step.py`` measures."""
 
     def handle(frame_pointer):
         frame = frame_pointer.contents
@@ -437,7 +438,7 @@ def conv_same(x, kernel):
         raise ValueError(f"conv_same takes NHWC x and HWIO kernel with matching channels, got {x.shape} and "
                          f"{kernel.shape}")
     if x.dtype != jax.numpy.float32 or kernel.dtype != jax.numpy.float32:
-        raise TypeError(f"graphduo's oneDNN convolutions take float32, got {x.dtype} and {kernel.dtype}")
+        raise TypeError(f"these oneDNN convolutions take float32, got {x.dtype} and {kernel.dtype}")
     return _conv(x, kernel)
 
 
