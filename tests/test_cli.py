@@ -37,7 +37,7 @@ def test_train_with_defaults(capsys, in_tmp):
     assert code == 0, err
     assert "cnn (traced) on digits: 440 steps, test accuracy" in out
     (run_dir,) = (in_tmp / "runs").iterdir()
-    assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.jsonl", "summary.json"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.jsonl", "summary.json", "params.npz"}
 
 
 def test_train_json_and_progress_bar(capsys, in_tmp):

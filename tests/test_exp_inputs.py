@@ -26,7 +26,7 @@ from test_experiments import check_plots, load_script
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 SCRIPTS = ("bench_core", "cnn_step", "compile_cost", "data_parallel", "dynamic_control_flow",
-           "eager_vs_traced", "memory", "mlp_step", "peers", "trees")
+           "eager_vs_traced", "export", "memory", "mlp_step", "peers", "trees")
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,7 @@ BAD = {
     "memory": (["--batch-sizes", "-1"], "'-1'"),
     "mlp_step": (["--omp-wait-policy", "lazy"], "invalid choice: 'lazy'"),
     "peers": (["--rounds", "0"], "got '0'"),
+    "export": (["--models", "mlp,mlp"], "'mlp' appears twice"),
     "trees": (["--tree", "nowhere"], "--tree must be NAME=PATH, got 'nowhere'"),
 }
 

@@ -106,6 +106,19 @@ class Checkpointer:
                 return f"{name} has changed (checksum mismatch)"
         return None
 
+    def _read(self, step: int, target) -> tuple[Any, str | None]:
+        """``(saved, None)``, or ``(None, why)`` when ``step``'s files are damaged or unreadable."""
+        reason = self._damage(step)
+        if reason is not None:
+            return None, reason
+        args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(target))
+        try:
+            with _quiet_event_loops():
+                return self.manager.restore(step, args=args)["state"], None
+        except Exception as err:  # orbax/tensorstore raise many types for a damaged folder
+            _ignore_unawaited_reads()
+            return None, _first_line(err)
+
     def restore_latest(self, template) -> tuple[Any, int] | None:
         """The newest checkpoint that restores into ``template``'s shapes, dtypes and shardings.
 
@@ -119,15 +132,7 @@ class Checkpointer:
         _filter_leftover_read_reports()  # before a damaged checkpoint's reads can race the message below
         damaged = []
         for step in reversed(steps):
-            reason = self._damage(step)
-            if reason is None:
-                args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(target))
-                try:
-                    with _quiet_event_loops():
-                        saved = self.manager.restore(step, args=args)["state"]
-                except Exception as err:  # orbax/tensorstore raise many types for a damaged folder
-                    _ignore_unawaited_reads()
-                    reason = _first_line(err)
+            saved, reason = self._read(step, target)
             if reason is not None:
                 log.warning("checkpoint at step %d in %s cannot be restored (%s); trying the previous one",
                             step, self.directory, reason)
@@ -138,6 +143,21 @@ class Checkpointer:
             return _restored(saved, template), step
         raise CheckpointError(f"none of the checkpoints in {self.directory} (steps {', '.join(map(str, steps))}) "
                               f"can be restored: delete that folder to start afresh")
+
+    def restore(self, step: int, template) -> Any:
+        """The checkpoint of ``step``, restored into ``template``'s shapes: ``CheckpointError`` (one
+        line, naming the steps there are) when there is none or it cannot be read."""
+        steps = self.steps()
+        if step not in steps:
+            have = ", ".join(map(str, steps)) or "none"
+            raise CheckpointError(f"no checkpoint of step {step} in {self.directory} (steps: {have}): give one of "
+                                  f"those steps")
+        target = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, _saveable(template))
+        _filter_leftover_read_reports()
+        saved, reason = self._read(step, target)
+        if reason is not None:
+            raise CheckpointError(f"the checkpoint of step {step} in {self.directory} cannot be restored ({reason})")
+        return _restored(saved, template)
 
     def wait(self) -> None:
         """Block until every started save is on disk."""

@@ -14,6 +14,7 @@ import typing
 
 from graphduo.config import Config, ConfigError
 from graphduo.data import DataError
+from graphduo.export import ExportError
 
 EXIT_USAGE = 2  # bad input: nothing was written
 EXIT_FAILED = 1  # the run started and failed (diverged, modes disagree)
@@ -137,6 +138,47 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--svg", metavar="FILE", help="also render the optimized graph to FILE with Graphviz's dot")
     inspect.set_defaults(config_fields=inspect_fields)
 
+    export = sub.add_parser(
+        "export", help="write a trained run's model (or its training step) as a jax.export artefact",
+        description="Export a finished run's model as its inference function (logits = f(images), parameters "
+                    "baked in, any batch size) with jax.export, written as the bytes of Exported.serialize(). "
+                    "The artefact loads in any JAX program, without graphduo, Flax or the model's code: "
+                    "jax.export.deserialize(open(FILE, 'rb').read()).call(images). Images as graphduo's data sets "
+                    "give them: float32 NHWC, standardized with the training split's per-channel statistics. "
+                    "--what train-step exports the training step itself (optimizer included) and writes the "
+                    "state it starts from beside it (FILE.state.npz), so training can go on without the code.",
+        epilog="examples: graphduo export runs/cnn --out cnn.jaxexport; graphduo export runs/cnn --step 400 --out "
+               "cnn-400.jaxexport --platforms cpu,cuda; graphduo export runs/mlp --what train-step --out step.jaxexport")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the --run-dir of a graphduo train run")
+    export.add_argument("--out", required=True, metavar="FILE", help="the artefact to write")
+    export.add_argument("--step", type=int, default=None, metavar="N",
+                        help="export the checkpoint of step N (default: the run's final parameters)")
+    export.add_argument("--platforms", default=None, metavar="P,P",
+                        help="platforms the artefact runs on, of cpu, cuda, rocm, tpu (default: this machine's)")
+    export.add_argument("--what", choices=("inference", "train-step"), default="inference",
+                        help="inference: logits = f(images); train-step: (state, batch) -> (state, metrics) "
+                             "(default: inference)")
+    export.set_defaults(config_fields=())
+
+    predict = sub.add_parser(
+        "predict", help="run an exported model: evaluate it on a data set, or predict images from a .npy file",
+        description="Load an artefact written by graphduo export exactly as any JAX program would "
+                    "(jax.export.deserialize(...).call(images)) and evaluate it on a data set's test split "
+                    "(accuracy, loss, samples/s), or write its logits for the images of a .npy file.",
+        epilog="examples: graphduo predict cnn.jaxexport --dataset digits; graphduo predict cnn.jaxexport --images "
+               "x.npy --out logits.npy")
+    predict.add_argument("artefact", metavar="FILE", help="an artefact written by graphduo export (inference)")
+    predict_fields = ("dataset", "data_dir", "download", "synthetic_shape", "synthetic_size", "seed")
+    add_config_arguments(predict, only=predict_fields, helps={
+        "dataset": "data set whose test split to evaluate (images as graphduo's data sets give them)",
+        "seed": "seed of --dataset synthetic (the one the run trained with)"})
+    predict.add_argument("--images", metavar="X.npy", default=None,
+                         help="predict these images instead (float32, N x H x W x C, standardized as the data set)")
+    predict.add_argument("--out", metavar="Y.npy", default=None, help="with --images: where the logits go")
+    predict.add_argument("--batch-size", type=int, default=512, help="images per call (default: 512)")
+    _add_output_flags(predict, "print the result as one JSON object on stdout")
+    predict.set_defaults(config_fields=predict_fields)
+
     launch = sub.add_parser(
         "launch", help="start P local processes of a multi-process run (a cluster rehearsal)",
         description="Start P processes of 'graphduo train' on this machine, joined through a coordinator on "
@@ -189,8 +231,12 @@ def main(argv: list[str] | None = None) -> int:
             return _train(config, args)
         if args.command == "inspect":
             return _inspect(config, args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "predict":
+            return _predict(config, args)
         return _compare(config, args, settings)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ExportError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -341,6 +387,104 @@ def _render_svg(dot: str, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _export(args) -> int:
+    from graphduo import export, paths
+
+    try:
+        paths.output_file(args.out, "--out", "model.jaxexport")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    platforms = [p.strip() for p in args.platforms.split(",") if p.strip()] if args.platforms else None
+    run = export.load_run(args.run_dir, args.step)
+    if args.what == "inference":
+        exported = export.export_inference(run.model, run.params, platforms=platforms)
+        size = export.save(exported, args.out)
+    else:
+        state = run.state if run.state is not None else _final_state(run)
+        exported = export.export_train_step(run.model, run.tx, state, platforms=platforms)
+        size = export.save_train_step(exported, state, args.out)
+    where = f"step {run.step}" + ("" if args.step is not None else " (final)")
+    print(f"graphduo export: wrote {args.out} ({size:,} bytes): {run.config.model} of {run.run_dir} at {where}, "
+          f"{args.what}, platforms {', '.join(exported.platforms)}", file=sys.stderr)
+    return 0
+
+
+def _final_state(run):
+    """A train-step export without --step: the run's newest checkpoint if it is its final step, else
+    a clear error (the final optimizer state is only ever saved in a checkpoint)."""
+    from graphduo import export
+
+    steps = sorted(int(p.name) for p in (run.run_dir / "checkpoints").glob("[0-9]*")) \
+        if (run.run_dir / "checkpoints").is_dir() else []
+    if run.step not in steps:
+        raise ExportError(f"{run.run_dir} has no checkpoint of its final step {run.step}, which a train step needs "
+                          f"(its optimizer state): train with --checkpoint-every, or give --step with one of "
+                          f"{', '.join(map(str, steps)) or 'its checkpoints (none)'}")
+    return export.load_run(run.run_dir, run.step).state
+
+
+def _predict(config: Config, args) -> int:
+    import numpy as np
+
+    from graphduo import export, paths
+
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if (args.images is None) != (args.out is None):
+        raise ConfigError("--images and --out go together: give both, or neither to evaluate --dataset")
+    if args.out is not None:
+        try:
+            paths.output_file(args.out, "--out", "logits.npy")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    exported = export.load(args.artefact)
+    if len(exported.in_avals) != 1:
+        raise ExportError(f"{args.artefact} is a training step ({len(exported.in_avals)} inputs), not a model: "
+                          f"export the run with --what inference")
+    if args.images is not None:
+        try:
+            images = np.load(args.images, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ExportError(f"--images {args.images} is not a readable .npy file ({_first_line(err)})") from None
+        images = export.check_images(exported, images, f"--images {args.images}")
+        logits = export.predict_logits(exported, images, args.batch_size)
+        _save_npy(logits, args.out)
+        print(f"graphduo predict: wrote {args.out}: logits of {len(images)} images, shape {logits.shape}",
+              file=sys.stderr)
+        return 0
+    from graphduo.data import load_dataset
+
+    ds = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download,
+                      synthetic_shape=tuple(config.synthetic_shape), synthetic_size=config.synthetic_size,
+                      seed=config.seed)
+    images = export.check_images(exported, ds.x_test, f"the {config.dataset} test split")
+    result = {"artefact": args.artefact, "dataset": config.dataset,
+              **export.evaluate(exported, images, ds.y_test, args.batch_size)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.artefact} on {config.dataset} ({result['count']} test images): test accuracy "
+              f"{result['test_accuracy']:.2%}, test loss {result['test_loss']:.4f}, {result['samples_per_s']:,.0f} "
+              f"samples/s (first call, where XLA compiles it: {result['first_call_s']:.2f} s)")
+    return 0
+
+
+def _save_npy(array, path: str) -> None:
+    import pathlib
+
+    import numpy as np
+
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _compare(config: Config, args, settings) -> int:

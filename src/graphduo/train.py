@@ -46,6 +46,10 @@ device idles between steps. A non-finite loss is still reported with the step th
 most this many steps later, and always before a checkpoint is saved."""
 
 
+PARAMS_FILE = "params.npz"
+"""The run's final parameters, in its run directory (``save_params``' format)."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -294,8 +298,10 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
         evals.append(report.evaluation(None, step, run.evaluate(state)))
     summary = summarize(run, start=start, steps=step, last=pending.last, evaluation=evals[-1],
                         first_step_s=first_step_s, train_time_s=clock.seconds())
+    params = run.plan.host_params(state)
+    save_params(params, run.run_dir / PARAMS_FILE, write=lead)  # what `graphduo export` exports
     if config.params_out:
-        save_params(run.plan.host_params(state), config.params_out, write=lead)
+        save_params(params, config.params_out, write=lead)
     if lead:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -332,7 +338,10 @@ def summarize(run: Run, *, start: int, steps: int, last: dict[str, float], evalu
         "process_index": jax.process_index(),
         "precision": config.precision,
         "batch_size": config.batch_size,
+        "input_shape": list(run.model.input_shape),
+        "num_classes": run.dataset.num_classes,
         "steps": steps,
+        "total_steps": run.total_steps,
         "resumed_from": start,
         "epochs": run.epochs,
         "params": count_params(jax.eval_shape(run.model.init, jax.random.key(0))),
