@@ -1,55 +1,55 @@
-"""Peers: graphduo's training step against PyTorch's, same model, same weights, same optimizer.
+"""Peers: graphduo's training step and loop against PyTorch's and Keras's, each at its best.
 
-What it measures, for the MLP (784-512-512-10) and the CNN (conv32-pool-conv64-pool-dense128) at batch
-32 and 256, Adam lr 1e-3 (``torch.optim.Adam`` defaults equal ``optax.adam``'s: b1 0.9, b2 0.999,
-eps 1e-8), four variants of one training step (forward, softmax cross-entropy, backward, Adam):
+What it measures, for the MLP (784-512-512-10) and the CNN (conv32-pool-conv64-pool-dense128) at
+batch 32 and 256, 28x28x1, Adam lr 1e-3 (b1 0.9, b2 0.999, eps 1e-8 everywhere), from the same
+weights (graphduo's, copied into each framework):
 
-* ``torch-eager``:     a ``torch.nn`` model, ``loss.backward()``, ``torch.optim.Adam`` with torch's defaults
-                       (on the CPU its per-parameter loop; ``foreach`` is torch's default on CUDA only).
-* ``torch-compile``:   the same, with the model wrapped in ``torch.compile`` (default mode; forward and
-                       backward compiled, the optimizer step runs as in eager). Its first step includes
-                       the compile and is reported apart.
-* ``graphduo-eager``:  ``graphduo.EagerStep(make_train_step(model.apply, tx))``, op by op.
-* ``graphduo-traced``: ``graphduo.TracedStep(make_train_step(model.apply, tx), donate_argnums=0)``.
+Steps, each on a batch already on the device, every call run to completion:
 
-All four start from the same weights: graphduo's ``model.init(jax.random.key(0))`` copied into torch
-(Dense kernels (in, out) -> Linear weight (out, in); Conv kernels HWIO -> OIHW; the CNN's flatten is
-NHWC order in graphduo, so the torch CNN permutes to NHWC before flattening). A check runs five
-steps of every variant on the same five batches and requires the same losses.
+* PyTorch (``experiments/_torch_steps.py``): ``torch-eager`` (the default Adam: a per-parameter
+  loop on the CPU), ``torch-eager-fused`` (``Adam(fused=True)``, one kernel), ``torch-compile``
+  (the whole step under ``torch.compile`` with compiled autograd; the graph breaks left are
+  reported); on CUDA also ``torch-compile-reduce-overhead`` (CUDA graphs) and
+  ``torch-compile-max-autotune``. PyTorch's fastest variant is named per workload, and every
+  ratio of the goals is against that one.
+* graphduo: ``graphduo-eager`` (op by op), ``graphduo-eager-fused`` (its optimizer update one
+  compiled op, ``--eager-update fused``), ``graphduo-traced`` (``TracedStep``, one step per
+  call), and K=16 steps per call on a training split held on the device
+  (``--steps-per-call 16``): ``graphduo-traced-k16`` as a loop (``lax.scan``) and
+  ``graphduo-traced-k16-unrolled`` (``--unroll 16``), timed per call and reported per step.
 
-How: every step goes through ``graphduo.timing.time_steps`` (first step apart, untimed warm-up, each
-step run to completion, median and p10/p90); torch steps are adapted to its ``step(state, batch)``
-form (CPU torch is synchronous, so a step has finished when it returns; on CUDA the step ends
-with ``torch.cuda.synchronize()``). The machine is noisy, so
-the variants are interleaved over several rounds; a variant's figure is the median over rounds of
-its per-round median, p10-p90 is over every timed step, and a ratio is the median of per-round
-ratios. torch runs with ``torch.set_num_threads(os.cpu_count())``, on the hardware JAX runs on: CUDA when
-JAX's backend is a GPU, with both sides' float32 matmuls and convolutions in TF32 (JAX's default
-there), else the CPU.
+Loops, each a whole training run on the same synthetic 28x28x1 data, steady state (Keras's and
+graphduo's first call, which compiles, left out):
 
-Also: the traced step's achieved FLOP/s (XLA ``cost_analysis()["flops"]`` / median step time) against
-``_common.matmul_peak_flops()`` measured right before it in the same round (the median over rounds
-of the per-round fraction: the machine's speed drifts between rounds, and a ceiling measured minutes away measures the
-drift), PyTorch's rate on the same product measured right after it (``torch_matmul_flops``: how fast each
-framework's GEMM library is on this machine), and, at batch 32, where graphduo's eager step spends its time
-(``graphduo.graphs.inspect_eager``: ops dispatched per step, time by phase) next to torch eager's
-forward / backward / optimizer-step times.
+* ``graphduo train`` at ``--steps-per-call`` 1 and 16 (16 as a loop and unrolled);
+* Keras 3 on the same JAX, where it is installed (``experiments/_keras_steps.py``): ``Model.fit``
+  with ``run_eagerly=True``, ``jit_compile=True``, and ``steps_per_execution=16``.
 
-Needs PyTorch: from the repository root, ``pip install -c constraints.txt ".[peers]"`` (the version it
-was measured with). Without it the script says so and exits with status 2. When the four variants'
-losses disagree, it still writes its results (recording the mismatch) and then exits with status 1.
+Same function: every step variant trains 5 steps from the same weights on the same batches and
+must reach the same losses (graphduo's K=16 variants: their 16 losses against ``graphduo-traced``
+on the same 16 batches); Keras's ``train_on_batch`` is checked the same way.
 
-The process runs with graphduo's CLI defaults (``_common.setup``), recorded in results.json; PyTorch
-shares its host memory policy (its CPU tensors come from the same ``malloc``).
+Also: the traced step's achieved FLOP/s against the matmul ceiling measured at the start of the same
+round (``_common.matmul_peak_flops``), PyTorch's rate on the same product measured right after it,
+and at the smallest batch where graphduo's eager step spends its time (ops by phase)
+beside PyTorch eager's forward, backward and optimizer step.
+
+How: the variants are interleaved over rounds; a figure is the median over rounds of the per-round
+medians, p10-p90 over every timed step, a ratio the median of per-round ratios. torch runs with
+``torch.set_num_threads(os.cpu_count())`` on the hardware JAX runs on: CUDA when JAX's backend is a
+GPU, with both sides' float32 matmuls and convolutions in TF32 (JAX's default there).
+
+Needs PyTorch (``pip install -c constraints.txt ".[peers]"``); without it the script says so and
+exits with status 2. Keras is optional: without it the loops section has graphduo's figures only.
+When the variants' losses disagree, it still writes its results and then exits with status 1.
 
 Run:
-    python experiments/peers.py            # full run
-    python experiments/peers.py --quick    # smoke test: MLP, batch 32, 1 round
+    python experiments/peers.py            # both models, batch 32 and 256, 3 rounds
+    python experiments/peers.py --quick    # smoke test: the MLP at batch 32, 1 round
     python experiments/peers.py --out DIR  # results elsewhere
 
-Writes ``DIR/results.json`` (every per-round time, check, ratio and goal, the environment with torch's
-version and thread count), ``DIR/SUMMARY.md`` (table, goals, breakdown) and ``DIR/step_time.png``
-(skipped, with a note, when matplotlib is missing).
+Writes ``DIR/results.json`` (every per-round time, check, ratio and goal, the environment with
+torch's and Keras's versions and settings), ``DIR/SUMMARY.md`` and ``DIR/step_time.png``.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -71,55 +72,46 @@ import jax.numpy as jnp
 import numpy as np
 
 import _common  # experiments/_common.py
+import _keras_steps  # experiments/_keras_steps.py
+import _torch_steps  # experiments/_torch_steps.py
 from _common import INPUT_SHAPE, LR, NUM_CLASSES
-from graphduo import timing
-from graphduo.eager import EagerStep
+from _torch_steps import INSTALL_TORCH
+from graphduo import parallel, timing
+from graphduo.config import Config
+from graphduo.data import epoch_permutation
 from graphduo.graphs import inspect_eager
 from graphduo.models import build_model
-from graphduo.step import TrainState, make_optimizer, make_train_step
-from graphduo.traced import TracedStep
+from graphduo.step import create_train_state, make_optimizer
+from graphduo.train import train_and_evaluate
 
 DEFAULT_OUT = _common.default_out("peers")
-VARIANTS = ("torch-eager", "torch-compile", "graphduo-eager", "graphduo-traced")
-PEAK_REPEATS = 5  # matmuls per round for the ceiling (2048-square on a CPU: about half a second on 2 cores)
+K = 16  # graphduo's steps per call in the compiled-loop variants, Keras's steps_per_execution
+GRAPHDUO_STEPS = ("graphduo-eager", "graphduo-eager-fused", "graphduo-traced", "graphduo-traced-k16",
+                  "graphduo-traced-k16-unrolled")
+LOOPS = ("graphduo-train-k1", "graphduo-train-k16", "graphduo-train-k16-unrolled", *_keras_steps.VARIANTS)
+PEAK_REPEATS = 5  # matmuls per round for the ceiling
 CHECK_STEPS = 5
-# Loss agreement after CHECK_STEPS steps from the same weights on the same batches. torch and XLA sum
-# in different orders (and pick different matmul/conv kernels), so float32 results differ by rounding
-# (~1e-6 relative) at step 0. Adam then normalises each gradient entry by its own magnitude: an entry
-# whose gradient is near zero can get a visibly different update (up to ~lr = 1e-3 per step) from a
-# rounding-level difference. Over five steps this moves the loss by ~1e-5..1e-4, far below the
-# ~1e-2 per-step change of the loss itself, so 1e-3 relative separates "same computation" from a
-# wrong weight layout or optimizer (which give differences of 1e-1 or more from the first step).
+# Loss agreement after CHECK_STEPS steps from the same weights on the same batches. Frameworks sum
+# in different orders (and pick different matmul/conv kernels), so float32 results differ by
+# rounding (~1e-6 relative) at step 0. Adam then normalises each gradient entry by its own
+# magnitude: an entry whose gradient is near zero can get a visibly different update (up to ~lr per
+# step) from a rounding-level difference. Over five steps this moves the loss by ~1e-5..1e-4, far
+# below the ~1e-2 per-step change of the loss itself, so 1e-3 relative separates "same computation"
+# from a wrong weight layout or optimizer (which give differences of 1e-1 or more from the first step).
 LOSS_RTOL = 1e-3
 # On an NVIDIA GPU both sides multiply float32 matrices in TF32 (JAX's default there; torch is set to
-# match, see ``torch_device``): 10 mantissa bits, a relative error of ~3e-4 per product (measured on
-# an H100: 2.9e-4 for a 1024-square product against float64, float32 proper 3e-7), 1000x float32's.
-# The step-0 difference grows by the same factor, so the five-step loss differences that are
-# ~1e-5..1e-4 in float32 become ~1e-3: 1e-2 still sits well under a layout or optimizer bug's 1e-1.
+# match, see ``torch_device``): a relative error ~1000x float32's per product, so the five-step loss
+# differences grow to ~1e-3: 1e-2 still sits well under a layout or optimizer bug's 1e-1.
 TF32_LOSS_RTOL = 1e-2
-
-
-INSTALL_TORCH = 'from the repository root, pip install -c constraints.txt ".[peers]"'
+# graphduo's K=16 variants against graphduo-traced on the same 16 batches: the same ops in a loop or
+# unrolled, compiled separately: rounding only (measured 0 on the CPU).
+K_LOSS_RTOL = 1e-5
 
 
 def torch_missing():
     """Exit with status 2 and a one-line message saying how to install PyTorch."""
     print(f"experiments/peers.py needs PyTorch, which is not installed: {INSTALL_TORCH}", file=sys.stderr)
     sys.exit(2)
-
-
-def need_torch():
-    """Import torch, or exit with status 2 and a one-line message saying how to install it."""
-    try:
-        import torch
-    except ImportError:
-        torch_missing()
-    return torch
-
-
-# --------------------------------------------------------------------------------------------
-# The torch side: the same models, weights copied from graphduo's parameter tree.
-# --------------------------------------------------------------------------------------------
 
 
 def torch_device(torch, backend: str) -> tuple[str, str]:
@@ -153,229 +145,182 @@ def loss_rtol(device: str) -> float:
     return LOSS_RTOL if device == "cpu" else TF32_LOSS_RTOL
 
 
-def torch_model(torch, name: str, params, device: str = "cpu") -> Any:
-    """graphduo's MLP or CNN as a ``torch.nn`` module holding a copy of ``params``, on ``device``."""
-    nn = torch.nn
-
-    def t(a, perm=None):
-        a = np.array(a)  # a writable host copy
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(perm) if perm else a)).clone()
-
-    def linear(p):
-        layer = nn.Linear(*p["kernel"].shape)
-        with torch.no_grad():
-            layer.weight.copy_(t(p["kernel"], (1, 0)))  # (in, out) -> (out, in)
-            layer.bias.copy_(t(p["bias"]))
-        return layer
-
-    def conv(p):
-        h, w, i, o = p["kernel"].shape
-        layer = nn.Conv2d(i, o, (h, w), padding="same")
-        with torch.no_grad():
-            layer.weight.copy_(t(p["kernel"], (3, 2, 0, 1)))  # HWIO -> OIHW
-            layer.bias.copy_(t(p["bias"]))
-        return layer
-
-    class NHWCFlatten(nn.Module):
-        """Flatten in graphduo's (NHWC) order, so the first Dense kernel's rows line up."""
-
-        def forward(self, x):
-            return x.permute(0, 2, 3, 1).flatten(1)
-
-    if name == "mlp":
-        n = len(params)
-        layers: list[Any] = [nn.Flatten()]
-        for i in range(n):
-            layers.append(linear(params[f"Dense_{i}"]))
-            if i < n - 1:
-                layers.append(nn.ReLU())
-        return nn.Sequential(*layers).to(device)
-    layers = []
-    n_conv = sum(k.startswith("Conv_") for k in params)
-    for i in range(n_conv):  # graphduo pools before ReLU: the same function (both monotone)
-        layers += [conv(params[f"Conv_{i}"]), nn.MaxPool2d(2), nn.ReLU()]
-    layers += [NHWCFlatten(), linear(params["Dense_0"]), nn.ReLU(), linear(params["Dense_1"])]
-    return nn.Sequential(*layers).to(device)
-
-
-class TorchState:
-    """A torch model and its Adam optimizer: the torch step's ``state`` (updated in place)."""
-
-    def __init__(self, torch, model, forward):
-        self.model = model
-        self.forward = forward  # the model itself, or its torch.compile wrapper
-        self.opt = torch.optim.Adam(model.parameters(), lr=LR)  # defaults: b1 .9, b2 .999, eps 1e-8
-
-
-def torch_sync(torch, device: str) -> Callable[[], None]:
-    """What waits for torch's queued work on ``device``: ``torch.cuda.synchronize`` on CUDA; nothing
-    on the CPU, where an op has finished when it returns."""
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-
 def torch_matmul_flops(torch, device: str, n: int, repeats: int = PEAK_REPEATS) -> float:
-    """PyTorch's own matmul rate: FLOP/s of ``torch.mm`` on an n x n float32 pair (median of
-    ``repeats``), ``matmul_peak_flops``'s product on torch's side. Beside JAX's, it says how much of
-    a ratio between the two frameworks is their GEMM libraries on this machine (MKL for torch's CPU
-    build, YNNPACK/Eigen for XLA:CPU's)."""
-    sync = torch_sync(torch, device)
+    """PyTorch's own matmul rate on ``matmul_peak_flops``'s product: beside JAX's, how much of a ratio
+    between the frameworks is their GEMM libraries on this machine."""
+    sync = _torch_steps.sync_fn(torch, device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device)
     times = _common.time_call(lambda: (torch.mm(a, a), sync()), repeats=repeats)
     return 2 * n**3 / (times.median_ms / 1e3)
 
 
-def torch_step(torch, device: str = "cpu"):
-    """``step(state, batch) -> (state, {"loss"})`` for ``graphduo.timing.time_steps``.
-
-    On CUDA the step ends with ``torch.cuda.synchronize()``: torch launches its kernels
-    asynchronously, and ``time_steps`` must time the step run to completion, as it does JAX's
-    (``block_until_ready``). CPU torch has finished when the step returns."""
-    F = torch.nn.functional
-    sync = torch_sync(torch, device)
-
-    def step(state: TorchState, batch):
-        state.opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(state.forward(batch["image"]), batch["label"])
-        loss.backward()
-        state.opt.step()
-        sync()
-        return state, {"loss": loss.detach()}
-
-    return step
-
-
-def torch_batch(torch, batch, model_name: str, device: str = "cpu"):
-    """A graphduo batch (NHWC numpy) as torch tensors on ``device``: NCHW for the CNN, flat for the MLP."""
-    x = np.asarray(batch["image"])
-    x = x.transpose(0, 3, 1, 2) if model_name == "cnn" else x.reshape(len(x), -1)
-    return {"image": torch.from_numpy(np.ascontiguousarray(x)).to(device),
-            "label": torch.from_numpy(np.asarray(batch["label"]).astype(np.int64)).to(device)}
-
-
 # --------------------------------------------------------------------------------------------
-# Workloads and variants.
+# The step variants.
 # --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Variant:
     name: str
-    step: Callable[[Any, Any], tuple[Any, Any]]
+    step: Callable[[Any, Any], tuple[Any, Any]]  # (state, inputs) -> (state, metrics)
     fresh_state: Callable[[], Any]
-    batch: Any  # this variant's form of the timing batch
-    check_batches: list[Any]
+    inputs: Any  # what a timed call takes
+    steps_per_call: int = 1
+    graph_breaks: dict = dataclasses.field(default_factory=dict)
 
 
-def make_variants(torch, model_name: str, batch_size: int, seed: int = 0, device: str = "cpu"):
+@dataclasses.dataclass
+class Workload:
+    model_name: str
+    batch_size: int
+    params: Any
+    host_batches: list[dict[str, np.ndarray]]  # K batches: the checks' and the timed calls'
+    split: tuple[Any, Any, Any]  # (images, labels, perm) on the device, whose first K batches those are
+
+
+def make_workload(model_name: str, batch_size: int) -> Workload:
+    """K batches of digit-like synthetic images (exact zeros, pooling ties), as rows of one split
+    whose epoch permutation orders them: the host's batch i is the device's step i."""
     model = build_model(model_name, INPUT_SHAPE, NUM_CLASSES)
-    params0 = model.init(jax.random.key(0))
+    params = create_train_state(model, make_optimizer("adam", LR), jax.random.key(0)).params
+    rng = np.random.default_rng(0)
+    n = K * batch_size
+    u = rng.random((n, *INPUT_SHAPE), dtype=np.float32)
+    images, labels = np.where(u < 0.6, 0.0, u).astype(np.float32), rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+    perm = epoch_permutation(n, seed=0, epoch=0)
+    batches = [{"image": images[perm[i * batch_size:(i + 1) * batch_size]],
+                "label": labels[perm[i * batch_size:(i + 1) * batch_size]]} for i in range(K)]
+    return Workload(model_name, batch_size, params, batches, jax.device_put((images, labels, perm)))
+
+
+def graphduo_variants(w: Workload) -> list[Variant]:
+    model = build_model(w.model_name, INPUT_SHAPE, NUM_CLASSES)
     tx = make_optimizer("adam", LR)
-    rng = np.random.default_rng(seed)
-    np_batches = [_common.host_batch(batch_size, rng=rng) for _ in range(CHECK_STEPS + 1)]
-    jax_batches = [jax.device_put(b) for b in np_batches]
-    torch_batches = [torch_batch(torch, b, model_name, device) for b in np_batches]
-    jax.block_until_ready(jax_batches)
 
-    def gd_state():
-        params = _common.copy_tree(params0)
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(1))
+    def fresh():
+        return create_train_state(model, tx, jax.random.key(0))
 
-    def t_state(compiled: bool):
-        def fresh():
-            m = torch_model(torch, model_name, params0, device)
-            if not compiled:
-                return TorchState(torch, m, m)
-            torch._dynamo.reset()  # no cached graph (or automatic-dynamic shapes) from another workload
-            return TorchState(torch, m, torch.compile(m))
-        return fresh
-
-    train_step = make_train_step(model.apply, tx)
-    tstep = torch_step(torch, device)
-    variants = [
-        Variant("torch-eager", tstep, t_state(False), torch_batches[-1], torch_batches[:CHECK_STEPS]),
-        Variant("torch-compile", tstep, t_state(True), torch_batches[-1], torch_batches[:CHECK_STEPS]),
-        Variant("graphduo-eager", EagerStep(train_step), gd_state, jax_batches[-1], jax_batches[:CHECK_STEPS]),
-        Variant("graphduo-traced", TracedStep(train_step, donate_argnums=0), gd_state, jax_batches[-1],
-                jax_batches[:CHECK_STEPS]),
-    ]
-    return model, tx, gd_state, jax_batches[-1], variants
+    batch = jax.device_put(w.host_batches[0])
+    out = []
+    for name, mode, update in (("graphduo-eager", "eager", "ops"), ("graphduo-eager-fused", "eager", "fused"),
+                               ("graphduo-traced", "traced", "ops")):
+        step = parallel.plan(mode, model, tx, eager_update=update).train_step
+        out.append(Variant(name, step, fresh, batch))
+    ticks = jax.device_put(np.zeros(K, np.int32))
+    for name, unroll in (("graphduo-traced-k16", 1), ("graphduo-traced-k16-unrolled", K)):
+        steps = parallel.plan("traced", model, tx, steps_per_call=K, unroll=unroll,
+                              gather=(w.batch_size, K)).train_steps
+        out.append(Variant(name, lambda s, a, f=steps: f(s, *a), fresh, (*w.split, ticks), steps_per_call=K))
+    return out
 
 
-def check_losses(variants: list[Variant], rtol: float = LOSS_RTOL):
-    """CHECK_STEPS steps of each variant from the same weights on the same batches: the losses agree.
+def torch_variants(torch, w: Workload, device: str) -> list[Variant]:
+    batch = _torch_steps.torch_batch(torch, w.host_batches[0], w.model_name, device)
+    out = []
+    for variant in _torch_steps.variants(device):
+        def fresh(variant=variant):
+            return _torch_steps.TorchTrainer(torch, variant, w.model_name, w.params, lr=LR, device=device)
 
-    Also returns each variant's state after those steps (timing goes on from there) and the time of
-    its cold first step (compilation included for torch.compile and graphduo-traced), taken through
-    ``timing.time_steps`` like every other figure.
-    """
-    losses, states, first_s = {}, {}, {}
+        def step(trainer, xy):
+            return trainer, {"loss": trainer.step(*xy)}
+
+        out.append(Variant(f"torch-{variant}", step, fresh, batch))
+    return out
+
+
+def check_losses(torch, w: Workload, variants: list[Variant], device: str, keras) -> dict[str, Any]:
+    """Every variant from the same weights on the same batches: its losses against graphduo-traced's,
+    and the first call of each (compiles included) timed apart."""
+    losses, first_s, breaks = {}, {}, {}
     for v in variants:
         gc.collect()
-        states[v.name], metrics, t = timing.time_steps(v.step, v.fresh_state(), v.check_batches)
-        losses[v.name] = [float(m["loss"]) for m in metrics]
-        first_s[v.name] = t.first_s
-    ref = losses["graphduo-traced"]
-    max_rel = max(abs(a - r) / max(1.0, abs(r)) for name, ls in losses.items() for a, r in zip(ls, ref))
-    ok = max_rel <= rtol
+        state, t0 = v.fresh_state(), time.perf_counter()
+        if v.steps_per_call > 1:
+            state, metrics = v.step(state, v.inputs)
+            jax.block_until_ready(metrics)
+            losses[v.name] = [float(x) for x in np.asarray(metrics["loss"])]
+        else:
+            inputs = [(_torch_steps.torch_batch(torch, b, w.model_name, device) if v.name.startswith("torch")
+                       else jax.device_put(b)) for b in w.host_batches[:CHECK_STEPS]]
+            values = []
+            for x in inputs:
+                state, metrics = v.step(state, x)
+                values.append(float(metrics["loss"]))
+            losses[v.name] = values
+        first_s[v.name] = time.perf_counter() - t0
+        if v.name.startswith("torch"):
+            breaks[v.name] = state.graph_breaks
+    if keras is not None:
+        for name in _keras_steps.VARIANTS:
+            losses[name] = _keras_steps.losses(keras, name, w.model_name, w.params, INPUT_SHAPE, LR,
+                                               w.host_batches[:CHECK_STEPS])
+    # graphduo-traced's first 16 losses: the reference of the K=16 variants
+    ref_state = variants[[v.name for v in variants].index("graphduo-traced")].fresh_state()
+    ref_step = next(v.step for v in variants if v.name == "graphduo-traced")
+    reference = []
+    for b in w.host_batches:
+        ref_state, metrics = ref_step(ref_state, jax.device_put(b))
+        reference.append(float(metrics["loss"]))
+    worst, worst_k = 0.0, 0.0
+    for name, values in losses.items():
+        diffs = [abs(a - r) / max(1.0, abs(r)) for a, r in zip(values, reference)]
+        if name.startswith("graphduo-traced-k16"):
+            worst_k = max(worst_k, *diffs)
+        else:
+            worst = max(worst, *diffs)
+    rtol = loss_rtol(device)
+    ok = worst <= rtol and worst_k <= K_LOSS_RTOL
     if not ok:
-        print(f"WARNING: losses differ across variants (max rel diff {max_rel:.2e}): {losses}", file=sys.stderr)
-    return {"steps": CHECK_STEPS, "losses": losses, "max_rel_diff": max_rel, "rtol": rtol, "ok": ok}, \
-        states, first_s
+        print(f"WARNING: losses differ across variants (max rel diff {worst:.2e}; K=16 {worst_k:.2e})", file=sys.stderr)
+    return {"steps": CHECK_STEPS, "k_steps": K, "losses": losses, "reference": reference, "max_rel_diff": worst,
+            "rtol": rtol, "k_max_rel_diff": worst_k, "k_rtol": K_LOSS_RTOL, "ok": ok}, first_s, breaks
 
 
-# --------------------------------------------------------------------------------------------
-# Timing.
-# --------------------------------------------------------------------------------------------
-
-
-def bench_workload(torch, model_name: str, batch_size: int, args) -> dict[str, Any]:
-    label = f"{model_name} b{batch_size}"
-    model, tx, gd_state, gd_batch, variants = make_variants(torch, model_name, batch_size, device=args.torch_device)
-    checks, states, first_s = check_losses(variants, loss_rtol(args.torch_device))
-    print(f"[{label}] loss check over {CHECK_STEPS} steps: max rel diff {checks['max_rel_diff']:.1e} "
-          f"({'ok' if checks['ok'] else 'MISMATCH'})", file=sys.stderr)
-
-    # One state per variant, kept across rounds, continuing from the check.
-    steps, rounds = {}, {v.name: [] for v in variants}
-    for v in variants:  # probe: a rough steady-state time to size the measurements
+def bench_steps(torch, w: Workload, args, keras) -> dict[str, Any]:
+    label = f"{w.model_name} b{w.batch_size}"
+    variants = torch_variants(torch, w, args.torch_device) + graphduo_variants(w)
+    checks, first_s, breaks = check_losses(torch, w, variants, args.torch_device, keras)
+    print(f"[{label}] loss check: max rel diff {checks['max_rel_diff']:.1e} (K=16 {checks['k_max_rel_diff']:.1e}): "
+          f"{'ok' if checks['ok'] else 'MISMATCH'}", file=sys.stderr)
+    states, calls = {}, {}
+    for v in variants:  # a probe sizes each measurement; states carry on from here across rounds
         gc.collect()
-        states[v.name], _, t = timing.time_steps(v.step, states[v.name], [v.batch] * 5, warmup=1)
-        steps[v.name] = _common.steps_for(t.median_ms / 1e3, args.budget, args.min_steps, args.max_steps)
-    peaks = []  # the matmul ceiling, measured in every round right before the traced step it is compared with
-    torch_peaks = []  # and torch's rate on the same product, right after it
+        multi = v.steps_per_call > 1  # a call of K steps: fewer calls, no warm-up beyond the first
+        states[v.name], _, t = timing.time_steps(v.step, v.fresh_state(), [v.inputs] * (2 if multi else 5),
+                                                 warmup=0 if multi else 1)
+        calls[v.name] = _common.steps_for(t.median_ms / 1e3, args.budget, 1 if multi else args.min_steps,
+                                          args.max_steps)
+    rounds = {v.name: [] for v in variants}
+    peaks, torch_peaks = [], []
     for r in range(args.rounds):
-        order = variants if r % 2 == 0 else variants[::-1]
-        for v in order:
-            if v.name == "graphduo-traced":
-                peaks.append(_common.matmul_peak_flops(repeats=PEAK_REPEATS))
-                torch_peaks.append(torch_matmul_flops(torch, args.torch_device, _common.peak_matmul_size()))
+        # the ceiling opens each round, apart from the variants: a large matmul right before a small
+        # step leaves the step slower for a while (XLA's threads, the caches)
+        peaks.append(_common.matmul_peak_flops(repeats=PEAK_REPEATS))
+        torch_peaks.append(torch_matmul_flops(torch, args.torch_device, _common.peak_matmul_size()))
+        for v in (variants if r % 2 == 0 else variants[::-1]):
             gc.collect()
-            faults = _common.minor_page_faults()
-            states[v.name], _, t = timing.time_steps(v.step, states[v.name], [v.batch] * (3 + steps[v.name]),
-                                                     warmup=2)
-            rounds[v.name].append({"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
-                                   "times_ms": [x * 1e3 for x in t.times_s],
-                                   "page_faults_per_step": (_common.minor_page_faults() - faults) / (3 + steps[v.name])})
-        print(f"[{label}] round {r + 1}/{args.rounds}: " + "  ".join(
-            f"{n} {rs[-1]['median_ms']:.3g}" for n, rs in rounds.items()) + f" ms; matmul {peaks[-1] / 1e9:.0f} GFLOP/s (torch.mm {torch_peaks[-1] / 1e9:.0f})",
-            file=sys.stderr)
-
+            warmup = 0 if v.steps_per_call > 1 else 2
+            states[v.name], _, t = timing.time_steps(v.step, states[v.name], [v.inputs] * (1 + warmup + calls[v.name]),
+                                                     warmup=warmup)
+            per_step = [x * 1e3 / v.steps_per_call for x in t.times_s]
+            rounds[v.name].append({"median_ms": statistics.median(per_step), "times_ms": per_step})
+        print(f"[{label}] round {r + 1}/{args.rounds} (ms/step): " + "  ".join(
+            f"{n} {rs[-1]['median_ms']:.3g}" for n, rs in rounds.items()), file=sys.stderr, flush=True)
     traced = next(v for v in variants if v.name == "graphduo-traced")
-    cost = traced.step.stages(gd_state(), gd_batch).cost_analysis()  # compiled already: no new compile
-    res = {"model": model_name, "batch_size": batch_size, "checks": checks, "first_step_s": first_s,
-           "timed_steps_per_round": steps, "rounds": rounds, "cost": cost,
-           "graphduo_traced_compile_s": traced.step.compile_time_s}
-    res["summary"] = {n: summarize(rs, batch_size) for n, rs in rounds.items()}
-    res["ratios"] = ratios(rounds)
-    res["matmul_peak_flops_per_round"] = peaks
-    res["torch_matmul_flops_per_round"] = torch_peaks
+    cost = traced.step.stages(traced.fresh_state(), traced.inputs).cost_analysis()  # compiled already
+    summary = {n: summarize(rs, w.batch_size) for n, rs in rounds.items()}
+    torch_names = [v.name for v in variants if v.name.startswith("torch")]
+    fastest = min(torch_names, key=lambda n: summary[n]["median_ms"])
+    res = {"model": w.model_name, "batch_size": w.batch_size, "checks": checks, "first_call_s": first_s,
+           "graph_breaks": breaks, "calls_per_round": calls, "rounds": rounds, "summary": summary, "cost": cost,
+           "torch_fastest": fastest, "matmul_peak_flops_per_round": peaks, "torch_matmul_flops_per_round": torch_peaks}
+    res["ratios"] = step_ratios(rounds, torch_names)
     gemm = [t / j for t, j in zip(torch_peaks, peaks)]
     res["torch_vs_jax_matmul"] = {"median": statistics.median(gemm), "min": min(gemm), "max": max(gemm)}
     res["traced_peak_fraction"] = peak_fraction(cost["flops"], rounds["graphduo-traced"], peaks)
-    if batch_size == min(args.batch_sizes):
-        res["eager_breakdown"] = eager_breakdown(torch, args.torch_device, model, tx, gd_state(), gd_batch,
-                                                 next(v for v in variants if v.name == "torch-eager"))
+    if w.batch_size == min(args.batch_sizes):
+        res["eager_breakdown"] = eager_breakdown(torch, args.torch_device, w)
     return res
 
 
@@ -383,56 +328,70 @@ def summarize(rs: list[dict], batch_size: int) -> dict[str, float]:
     median = statistics.median(r["median_ms"] for r in rs)
     pooled = [t for r in rs for t in r["times_ms"]]
     return {"median_ms": median, "p10_ms": float(np.percentile(pooled, 10)),
-            "p90_ms": float(np.percentile(pooled, 90)), "samples_per_s": batch_size / (median / 1e3),
-            "page_faults_per_step": statistics.median(r["page_faults_per_step"] for r in rs),
-            "page_faults_per_step_max": max(r["page_faults_per_step"] for r in rs)}
+            "p90_ms": float(np.percentile(pooled, 90)), "samples_per_s": batch_size / (median / 1e3)}
 
 
-def ratio(rounds, num: str, den: str) -> dict[str, Any]:
-    """Median over rounds of ``num``'s median time / ``den``'s (a speedup of ``den`` over ``num``)."""
-    per = [a["median_ms"] / b["median_ms"] for a, b in zip(rounds[num], rounds[den])]
+def per_round(rounds, num: str, den) -> dict[str, Any]:
+    """Median over rounds of ``num``'s time / ``den``'s (``den`` a name, or a function of a round
+    index giving a time): above 1, ``den`` is faster."""
+    den_ms = (lambda i: rounds[den][i]["median_ms"]) if isinstance(den, str) else den
+    per = [r["median_ms"] / den_ms(i) for i, r in enumerate(rounds[num])]
+    return {"median": statistics.median(per), "min": min(per), "max": max(per), "per_round": per}
+
+
+def step_ratios(rounds, torch_names: list[str]) -> dict[str, Any]:
+    def torch_best(i):  # PyTorch's fastest variant in round i
+        return min(rounds[n][i]["median_ms"] for n in torch_names)
+
+    best_k = {name: per_round(rounds, name, torch_best) for name in
+              ("graphduo-traced", "graphduo-traced-k16", "graphduo-traced-k16-unrolled")}
+    return {
+        # speeds: > 1 means graphduo's traced step is faster than PyTorch's fastest variant of that round
+        "traced_speedup_vs_torch_fastest": _inverse(best_k["graphduo-traced"]),
+        "best_k_speedup_vs_torch_fastest": max((_inverse(v) for v in best_k.values()), key=lambda r: r["median"]),
+        "k16_speedup_vs_traced": _inverse(per_round(rounds, "graphduo-traced-k16", "graphduo-traced")),
+        "k16_unrolled_speedup_vs_traced": _inverse(per_round(rounds, "graphduo-traced-k16-unrolled", "graphduo-traced")),
+        # eager, variant by variant: > 1 means graphduo eager is slower
+        "eager_time_vs_torch_eager": per_round(rounds, "graphduo-eager", "torch-eager"),
+        "eager_fused_time_vs_torch_eager_fused": per_round(rounds, "graphduo-eager-fused", "torch-eager-fused"),
+        "eager_fused_speedup_vs_eager": _inverse(per_round(rounds, "graphduo-eager-fused", "graphduo-eager")),
+    }
+
+
+def _inverse(r: dict[str, Any]) -> dict[str, Any]:
+    per = [1 / x for x in r["per_round"]]
     return {"median": statistics.median(per), "min": min(per), "max": max(per), "per_round": per}
 
 
 def peak_fraction(flops: float, traced_rounds: list[dict], peaks: list[float]) -> dict[str, Any]:
     """The traced step's achieved FLOP/s as a fraction of the matmul ceiling measured in the same round
-    (median of per-round fractions). The machine's speed drifts from minute to minute, so
-    a ceiling measured minutes away from the step (or the larger of two such) says more about the
-    drift than about the step; pairing them by round, as every other ratio here is, cancels it."""
+    (median of per-round fractions): the machine's speed drifts from minute to minute, and pairing
+    the two by round, as every other ratio here is, cancels the drift."""
     per = [flops / (r["median_ms"] / 1e3) / peak for r, peak in zip(traced_rounds, peaks)]
     return {"median": statistics.median(per), "min": min(per), "max": max(per), "per_round": per}
 
 
-def ratios(rounds) -> dict[str, Any]:
-    return {
-        # speedups of graphduo traced: > 1 means graphduo traced is faster
-        "traced_speedup_vs_torch_compile": ratio(rounds, "torch-compile", "graphduo-traced"),
-        "traced_speedup_vs_torch_eager": ratio(rounds, "torch-eager", "graphduo-traced"),
-        # time ratio: > 1 means graphduo eager is slower
-        "eager_time_vs_torch_eager": ratio(rounds, "graphduo-eager", "torch-eager"),
-    }
-
-
-def eager_breakdown(torch, device: str, model, tx, state, batch, torch_variant: Variant,
-                    reps: int = 15) -> dict[str, Any]:
-    """graphduo eager: ops and time by phase (``inspect_eager``); torch eager: its three phases timed
-    (on CUDA each phase run to completion, as graphduo's ops are)."""
-    report = inspect_eager(model, tx, state, batch)
+def eager_breakdown(torch, device: str, w: Workload, reps: int = 15) -> dict[str, Any]:
+    """graphduo eager: ops and time by phase (``inspect_eager``); torch eager (default Adam): its three
+    phases timed (on CUDA each phase run to completion, as graphduo's ops are)."""
+    model = build_model(w.model_name, INPUT_SHAPE, NUM_CLASSES)
+    tx = make_optimizer("adam", LR)
+    report = inspect_eager(model, tx, create_train_state(model, tx, jax.random.key(0)), jax.device_put(w.host_batches[0]))
     F = torch.nn.functional
-    sync = torch_sync(torch, device)
-    ts = torch_variant.fresh_state()
-    b = torch_variant.batch
+    sync = _torch_steps.sync_fn(torch, device)
+    trainer = _torch_steps.TorchTrainer(torch, "eager", w.model_name, w.params, lr=LR, device=device)
+    x, y = _torch_steps.torch_batch(torch, w.host_batches[0], w.model_name, device)
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "update+metrics": []}
     for i in range(reps + 2):
-        ts.opt.zero_grad(set_to_none=True)
+        trainer.opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        loss = F.cross_entropy(ts.forward(b["image"]), b["label"])
+        loss = F.cross_entropy(trainer.model(x), y)
         sync()
         t1 = time.perf_counter()
         loss.backward()
         sync()
         t2 = time.perf_counter()
-        ts.opt.step()
+        trainer.opt.step()
         sync()
         t3 = time.perf_counter()
         if i >= 2:
@@ -442,9 +401,62 @@ def eager_breakdown(torch, device: str, model, tx, state, batch, torch_variant: 
             "graphduo_total_ms": report["total_us"] / 1e3,
             "graphduo_by_phase": {k: {"ops": int(v["count"]), "ms": v["time_us"] / 1e3}
                                   for k, v in report["by_phase"].items()},
-            "graphduo_top_primitives": {k: {"ops": int(v["count"]), "ms": v["time_us"] / 1e3}
-                                        for k, v in list(report["by_primitive"].items())[:6]},
             "torch_by_phase_ms": {k: statistics.median(v) for k, v in phases.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# The loops: graphduo train against Keras's fit.
+# --------------------------------------------------------------------------------------------
+
+
+def graphduo_loop(model_name: str, batch_size: int, steps: int, k: int, unroll: int) -> float:
+    """Seconds per step of ``graphduo train`` (traced, synthetic data on the device, steady state)."""
+    gc.collect()
+    with tempfile.TemporaryDirectory(prefix="peers_") as run_dir:
+        config = Config(model=model_name, mode="traced", dataset="synthetic", synthetic_shape=INPUT_SHAPE,
+                        synthetic_size=batch_size * steps, batch_size=batch_size, steps=steps, steps_per_call=k,
+                        unroll=unroll, run_dir=run_dir)
+        return train_and_evaluate(config, progress=False)["step_time_ms"] / 1e3
+
+
+def bench_loops(w: Workload, step_ms: float, args, keras) -> dict[str, Any]:
+    """Every loop, interleaved over rounds; seconds per step of each, and graphduo's over Keras's."""
+    steps = max(2 * K, round(args.budget * 3 / (step_ms / 1e3) / K) * K)  # whole calls of K
+    from graphduo.data import load_dataset
+
+    ds = load_dataset("synthetic", synthetic_shape=INPUT_SHAPE, synthetic_size=w.batch_size * steps, seed=0)
+    x, y = ds.x_train[:w.batch_size * steps], ds.y_train[:w.batch_size * steps]
+    eager_steps = max(2, min(steps, int(args.budget / (step_ms / 1e3 * 10))))  # Keras eager: ~10x the step
+    rounds: dict[str, list[float]] = {name: [] for name in LOOPS}
+    first: dict[str, float] = {}
+    for r in range(args.rounds):
+        for name in (LOOPS if r % 2 == 0 else LOOPS[::-1]):
+            if name.startswith("graphduo"):
+                k = 1 if name.endswith("k1") else K
+                rounds[name].append(graphduo_loop(w.model_name, w.batch_size, steps, k, K if "unrolled" in name else 1))
+            elif keras is not None:
+                n = eager_steps if name == "keras-eager" else steps
+                t = _keras_steps.time_fit(keras, name, w.model_name, w.params, INPUT_SHAPE, LR, x[:w.batch_size * n],
+                                          y[:w.batch_size * n], w.batch_size, 1)
+                rounds[name].append(t["step_s"][0])
+                first[name] = t["first_fit_s"]
+        print(f"[{w.model_name} b{w.batch_size}] loops round {r + 1}/{args.rounds} (ms/step): " + "  ".join(
+            f"{n} {rs[-1] * 1e3:.3g}" for n, rs in rounds.items() if rs), file=sys.stderr, flush=True)
+    rounds = {n: rs for n, rs in rounds.items() if rs}
+    out = {"steps": steps, "keras_eager_steps": eager_steps, "rounds_s": rounds, "first_fit_s": first,
+           "median_ms": {n: statistics.median(rs) * 1e3 for n, rs in rounds.items()}}
+    if keras is not None:
+        best16 = [min(a, b) for a, b in zip(rounds["graphduo-train-k16"], rounds["graphduo-train-k16-unrolled"])]
+        out["vs_keras"] = {
+            "k1": _ratio_list(rounds["keras-jit"], rounds["graphduo-train-k1"]),
+            "k16": _ratio_list(rounds["keras-jit-spe16"], best16),
+        }
+    return out
+
+
+def _ratio_list(num: list[float], den: list[float]) -> dict[str, Any]:
+    per = [a / b for a, b in zip(num, den)]
+    return {"median": statistics.median(per), "min": min(per), "max": max(per), "per_round": per}
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,54 +464,47 @@ def eager_breakdown(torch, device: str, model, tx, state, batch, torch_variant: 
 # --------------------------------------------------------------------------------------------
 
 
-def find(results, model: str, batch: int):
-    return next((r for r in results if r["model"] == model and r["batch_size"] == batch), None)
-
-
-def goals(results) -> list[dict[str, Any]]:
+def goals(results, backend: str) -> list[dict[str, Any]]:
     out = []
-    mlp, cnn = find(results, "mlp", 256), find(results, "cnn", 256)
 
-    def add(text, value, target, op, shown):
-        met = None if value is None else (value >= target if op == ">=" else value <= target)
-        out.append({"goal": text, "value": value, "target": f"{op} {target}", "met": met,
-                    "reading": shown if value is not None else "not measured in this run (needs batch 256)"})
+    def add(text, value, target, shown):
+        met = None if value is None else value >= target
+        out.append({"goal": text, "value": value, "target": f">= {target}", "met": met,
+                    "reading": shown if value is not None else "not measured in this run"})
 
-    v = mlp["ratios"]["traced_speedup_vs_torch_compile"]["median"] if mlp else None
-    add("graphduo traced MLP step at batch 256 at least 1.5x faster than torch.compile", v, 1.5, ">=",
-        f"{v:.2f}x" if v else "")
-    frac = mlp["traced_peak_fraction"] if mlp else None
-    add("graphduo traced MLP step at batch 256 at >= 85% of the matmul peak", frac and frac["median"], 0.85, ">=",
-        f"{100 * frac['median']:.1f}% of the matmul peak measured in the same round (rounds "
-        f"{100 * frac['min']:.1f}-{100 * frac['max']:.1f}%; peak {min(mlp['matmul_peak_flops_per_round']) / 1e9:.0f}-"
-        f"{max(mlp['matmul_peak_flops_per_round']) / 1e9:.0f} GFLOP/s)" if frac else "")
-    v = cnn["ratios"]["traced_speedup_vs_torch_eager"]["median"] if cnn else None
-    add("graphduo traced CNN step at batch 256 faster than PyTorch eager", v, 1.0, ">=",
-        f"{v:.2f}x" if v else "")
+    where = "on the CPU" if backend == "cpu" else f"on {backend}"
+    for res in results:
+        label = f"{res['model']} batch {res['batch_size']}"
+        r = res["ratios"]
+        v = r["traced_speedup_vs_torch_fastest"]
+        add(f"graphduo's traced step (K=1) at least as fast as PyTorch's fastest variant, {label}, {where}",
+            v["median"], 1.0, f"{v['median']:.2f}x (rounds {v['min']:.2f}-{v['max']:.2f}; PyTorch's fastest: "
+                              f"{res['torch_fastest']})")
+        v = r["best_k_speedup_vs_torch_fastest"]
+        add(f"graphduo's traced step at its best K at least as fast as PyTorch's fastest variant, {label}, {where}",
+            v["median"], 1.0, f"{v['median']:.2f}x (rounds {v['min']:.2f}-{v['max']:.2f})")
+        loops = res.get("loops", {}).get("vs_keras")
+        for k in ("k1", "k16"):
+            v = loops[k] if loops else None
+            add(f"graphduo's loop faster than Keras's fit at K={k[1:]}, {label}", v and v["median"], 1.0,
+                f"{v['median']:.2f}x (rounds {v['min']:.2f}-{v['max']:.2f})" if v else "")
     return out
-
-
-HEADER = ("model", "batch", "variant", "median ms", "p10-p90 ms", "samples/s", "first step s", "page faults/step",
-          "vs torch-eager")
 
 
 def table_rows(results) -> list[tuple[str, ...]]:
     rows = []
     for res in results:
-        te = res["summary"]["torch-eager"]["median_ms"]
-        for name in VARIANTS:
-            s = res["summary"][name]
-            rows.append((res["model"], str(res["batch_size"]), name, f"{s['median_ms']:.3g}",
+        fastest = res["summary"][res["torch_fastest"]]["median_ms"]
+        for name, s in res["summary"].items():
+            mark = " (PyTorch's fastest)" if name == res["torch_fastest"] else ""
+            rows.append((res["model"], str(res["batch_size"]), name + mark, f"{s['median_ms']:.3g}",
                          f"{s['p10_ms']:.3g}-{s['p90_ms']:.3g}", f"{s['samples_per_s']:,.0f}",
-                         f"{res['first_step_s'][name]:.2f}", f"{s['page_faults_per_step']:,.0f} [{s['page_faults_per_step_max']:,.0f}]",
-                         f"{te / s['median_ms']:.2f}x"))
+                         f"{res['first_call_s'][name]:.2f}", f"{fastest / s['median_ms']:.2f}x"))
     return rows
 
 
-def format_table(rows) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-                     for r in [HEADER, tuple("-" * w for w in widths), *rows])
+HEADER = ("model", "batch", "variant", "median ms/step", "p10-p90", "samples/s", "first call s",
+          "speed vs PyTorch's fastest")
 
 
 def markdown_table(header, rows) -> str:
@@ -512,88 +517,93 @@ def ratio_rows(results) -> list[tuple[str, ...]]:
     for res in results:
         r = res["ratios"]
         f = lambda k: f"{r[k]['median']:.2f} [{r[k]['min']:.2f}-{r[k]['max']:.2f}]"  # noqa: E731
-        achieved = res["cost"]["flops"] / (res["summary"]["graphduo-traced"]["median_ms"] / 1e3)
         frac = res["traced_peak_fraction"]
-        rows.append((res["model"], str(res["batch_size"]), f("traced_speedup_vs_torch_compile"),
-                     f("traced_speedup_vs_torch_eager"), f("eager_time_vs_torch_eager"),
-                     f"{res['cost']['flops'] / 1e6:.1f}",
-                     f"{achieved / 1e9:.1f} ({100 * frac['median']:.1f}% [{100 * frac['min']:.1f}-{100 * frac['max']:.1f}])",
-                     f"{g['median']:.2f} [{g['min']:.2f}-{g['max']:.2f}]" if (g := res.get("torch_vs_jax_matmul")) else ""))
+        g = res["torch_vs_jax_matmul"]
+        rows.append((res["model"], str(res["batch_size"]), f("traced_speedup_vs_torch_fastest"),
+                     f("best_k_speedup_vs_torch_fastest"), f("k16_speedup_vs_traced"), f("k16_unrolled_speedup_vs_traced"),
+                     f("eager_time_vs_torch_eager"), f("eager_fused_time_vs_torch_eager_fused"),
+                     f"{100 * frac['median']:.1f}%", f"{g['median']:.2f}"))
     return rows
 
 
-RATIO_HEADER = ("model", "batch", "traced speedup vs torch.compile", "traced speedup vs torch eager",
-                "graphduo eager time / torch eager time", "traced MFLOP/step", "traced GFLOP/s (of the round's peak)",
-                "torch.mm / jax matmul rate")
+RATIO_HEADER = ("model", "batch", "traced vs PyTorch's fastest", "best K vs PyTorch's fastest", "K=16 loop vs K=1",
+                "K=16 unrolled vs K=1", "graphduo eager / torch eager (time)", "graphduo fused / torch fused (time)",
+                "traced, of the matmul ceiling", "torch.mm / jax matmul rate")
 
 
-def breakdown_text(results) -> list[str]:
+def loop_rows(results) -> list[tuple[str, ...]]:
+    rows = []
+    for res in results:
+        loops = res.get("loops")
+        if not loops:
+            continue
+        m = loops["median_ms"]
+        vs = loops.get("vs_keras", {})
+        rows.append((res["model"], str(res["batch_size"]), *(f"{m[n]:.3g}" if n in m else "-" for n in LOOPS),
+                     *(f"{vs[k]['median']:.2f}" if k in vs else "-" for k in ("k1", "k16"))))
+    return rows
+
+
+LOOP_HEADER = ("model", "batch", *(f"{n} ms/step" for n in LOOPS), "graphduo / Keras, K=1 (speed)",
+               "graphduo / Keras, K=16 (speed)")
+
+
+def breakdown_lines(results) -> list[str]:
     lines = []
     for res in results:
         b = res.get("eager_breakdown")
         if not b:
             continue
-        te = res["summary"]["torch-eager"]["median_ms"]
-        ge = res["summary"]["graphduo-eager"]["median_ms"]
-        lines += [f"**{res['model']} batch {res['batch_size']}**: graphduo eager {ge:.2f} ms against torch eager "
-                  f"{te:.2f} ms per step (x{res['ratios']['eager_time_vs_torch_eager']['median']:.2f}). "
-                  f"graphduo dispatches {b['graphduo_ops_per_step']} ops per step "
-                  f"({b['graphduo_total_ms']:.2f} ms when each op is run to completion, `inspect_eager`):", "",
-                  "| phase | graphduo ops | graphduo ms | torch ms |", "|---|---|---|---|"]
+        lines += [f"**{res['model']} batch {res['batch_size']}**: graphduo eager dispatches "
+                  f"{b['graphduo_ops_per_step']} ops per step ({b['graphduo_total_ms']:.2f} ms when each op is run to "
+                  f"completion, `inspect_eager`); with its update fused, "
+                  f"x{res['ratios']['eager_fused_speedup_vs_eager']['median']:.2f} faster.", "",
+                  "| phase | graphduo ops | graphduo ms | torch eager ms |", "|---|---|---|---|"]
         for phase in ("forward", "backward", "update+metrics"):
             g = b["graphduo_by_phase"].get(phase, {"ops": 0, "ms": 0.0})
             lines.append(f"| {phase} | {g['ops']} | {g['ms']:.2f} | {b['torch_by_phase_ms'][phase]:.2f} |")
-        top = ", ".join(f"{k} {v['ops']} ops {v['ms']:.2f} ms" for k, v in b["graphduo_top_primitives"].items())
-        lines += ["", f"graphduo's costliest primitives: {top}. torch's update phase is `opt.step()` only "
-                      "(its loss is already computed); graphduo's also computes the accuracy metric.", ""]
+        lines.append("")
     return lines
 
 
 def write_summary(out, results, goal_list, env, command, wall_s, args, plot_note) -> None:
-    all_peaks = [p for r in results for p in r["matmul_peak_flops_per_round"]]
     verdict = {True: "**MET**", False: "**NOT MET**", None: "not evaluated"}
+    breaks = {f"{r['model']} b{r['batch_size']} {n}": v for r in results for n, v in r["graph_breaks"].items() if v}
     text = [
-        "# peers: graphduo against PyTorch (eager and torch.compile)", "",
+        "# peers: graphduo against PyTorch and Keras, each at its best", "",
         f"Command: `{command}`  ",
         f"Wall time: {wall_s:.0f} s; {args.rounds} interleaved round(s) per workload.  ",
-        f"Machine: {_common.describe_machine(env)}; torch {env['torch']} on {env.get('torch_device', 'cpu')} with "
-        f"torch.set_num_threads({env['torch_threads']}) (the machine's core count). The host memory policy is "
-        f"the process's: PyTorch's tensors come from the same malloc as XLA's buffers.  ",
-        f"Matmul peak (`_common.matmul_peak_flops`, {env['matmul_peak_size']}x{env['matmul_peak_size']} float32 "
-        f"under `jax.jit`): measured in every round right before the traced step, {min(all_peaks) / 1e9:.1f}-"
-        f"{max(all_peaks) / 1e9:.1f} GFLOP/s over the run ({env['matmul_peak_flops_start'] / 1e9:.1f} at the start, "
-        f"{env['matmul_peak_flops_end'] / 1e9:.1f} at the end); a step's fraction of peak is the median over rounds "
-        f"of its FLOP rate over that round's peak.",
-        "", "## Step times", "", markdown_table(HEADER, table_rows(results)), "",
-        "median: median over rounds of each round's median step time; p10-p90 over every timed step; first "
-        "step: the cold first call (torch.compile and graphduo-traced: includes compilation), timed apart; page "
-        "faults/step: the process's minor page faults over a round's timed steps, per step, median over rounds "
-        "[largest round: the first round also pays for growing the heap]. "
-        "torch.compile wraps the model (forward and backward compiled); Adam's step runs as in eager; "
-        "inductor's on-disk caches are disabled, so its first step is a full compile.", "",
-        "## Ratios", "", markdown_table(RATIO_HEADER, ratio_rows(results)), "",
-        "Each ratio: median of the per-round ratios [smallest-largest]. Achieved FLOP/s: XLA's "
-        "`cost_analysis()[\"flops\"]` for one traced step / its median time; its fraction of peak: median "
-        "[smallest-largest] over rounds of the round's FLOP rate over the matmul peak measured in that round. "
-        "torch.mm / jax matmul rate: `torch.mm` on the same square float32 product, timed right after the peak "
-        "in each round, over JAX's rate: below 1, PyTorch's GEMM library runs slower than XLA's on this machine, "
-        "and part of any speedup over PyTorch at large batch is the libraries', not the compiler's.", "",
+        f"Machine: {_common.describe_machine(env)}; torch {env['torch']} on {env['torch_device']} with "
+        f"torch.set_num_threads({env['torch_threads']}); {env['keras_note']}.", "",
+        "## Steps", "", markdown_table(HEADER, table_rows(results)), "",
+        "median: median over rounds of each round's median time per step (K=16 variants: per call / 16); p10-p90 "
+        "over every timed step; first call: the check's first call, compiles included; speed vs PyTorch's fastest: "
+        "its median time over this variant's.", "",
+        markdown_table(RATIO_HEADER, ratio_rows(results)), "",
+        "Each ratio: median of the per-round ratios [smallest-largest]; speeds (> 1: graphduo faster) except the "
+        "two eager columns, which are time ratios (> 1: graphduo eager slower), variant by variant: PyTorch's "
+        "default Adam against graphduo op by op, PyTorch's fused Adam against graphduo's fused update.", "",
+        "## Loops", "", markdown_table(LOOP_HEADER, loop_rows(results)) if loop_rows(results) else "(not run)", "",
+        "Seconds per step of whole training runs on the same synthetic data, steady state: `graphduo train` at "
+        f"`--steps-per-call` 1 and {K} (a loop, and unrolled) against Keras 3's `fit` on the same JAX "
+        f"(`run_eagerly`, `jit_compile`, `steps_per_execution={K}`); the ratios take graphduo's faster K={K} form.", "",
         "## Goals", "",
     ]
     for g in goal_list:
         text.append(f"- {g['goal']} (target {g['target']}): {verdict[g['met']]}, {g['reading']}.")
-    text += ["- graphduo eager against PyTorch eager at batch 32 (information, no target): " + "; ".join(
-        f"{r['model']} x{r['ratios']['eager_time_vs_torch_eager']['median']:.2f} the time"
-        for r in results if r["batch_size"] == 32) + ". Breakdown below.", ""]
-    text += ["## Same function", "", "Losses after each of the first "
-             f"{CHECK_STEPS} steps from the same weights on the same batches, all four variants: " + "; ".join(
-                 f"{r['model']} b{r['batch_size']} max relative difference {r['checks']['max_rel_diff']:.1e} "
-                 f"({'within' if r['checks']['ok'] else 'OUTSIDE'} {r['checks']['rtol']:g})" for r in results)
-             + f". Arithmetic: {env.get('torch_precision', 'float32 on both sides')}.", ""]
+    text += ["", "## Same function", "", "; ".join(
+        f"{r['model']} b{r['batch_size']}: max relative loss difference {r['checks']['max_rel_diff']:.1e} over "
+        f"{CHECK_STEPS} steps ({'within' if r['checks']['max_rel_diff'] <= r['checks']['rtol'] else 'OUTSIDE'} "
+        f"{r['checks']['rtol']:g}), K=16 {r['checks']['k_max_rel_diff']:.1e} over {K} steps" for r in results)
+        + f". Arithmetic: {env['torch_precision']}.", ""]
+    if breaks:
+        text += ["## torch.compile's graph breaks (first call)", ""]
+        text += [f"- {k}: " + "; ".join(f"{reason} (x{n})" for reason, n in v.items()) for k, v in breaks.items()]
+        text.append("")
     mismatch = loss_mismatch(results)
     if mismatch:
         text += [f"**Loss check failed**: {mismatch}. The run exited with status 1.", ""]
-    text += ["## Eager breakdown (batch 32)", "", *breakdown_text(results)]
+    text += ["## Eager breakdown", "", *breakdown_lines(results)]
     if plot_note:
         text += [plot_note, ""]
     _common.write_summary(out, text)
@@ -603,15 +613,17 @@ def plot(results, out: pathlib.Path) -> str:
     plt = _common.pyplot()
     if plt is None:
         return "Plot skipped: matplotlib is not installed."
-    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(results[0]["summary"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     labels = [f"{r['model']} b{r['batch_size']}" for r in results]
     x = np.arange(len(results))
-    for i, name in enumerate(VARIANTS):
-        ax.bar(x + (i - 1.5) * 0.2, [r["summary"][name]["median_ms"] for r in results], 0.2, label=name)
-    ax.set_xticks(x, labels)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar(x + i * width, [r["summary"][name]["median_ms"] for r in results], width, label=name)
+    ax.set_xticks(x + 0.4 - width / 2, labels)
     ax.set_yscale("log")
-    ax.set_ylabel("median step time (ms, log)")
-    ax.legend()
+    ax.set_ylabel("median ms per step (log)")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "step_time.png", dpi=100)
     plt.close(fig)
@@ -625,9 +637,9 @@ def plot(results, out: pathlib.Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _common.make_parser(
-        __doc__, "Time the same MLP/CNN Adam training step in PyTorch eager, torch.compile, graphduo eager "
-                 "and graphduo traced, from the same weights; check they agree; write results.json and "
-                 f"SUMMARY.md. Needs PyTorch: {INSTALL_TORCH}.")
+        __doc__, "Time the same MLP/CNN Adam training step in PyTorch (eager, fused Adam, torch.compile), graphduo "
+                 "(eager, fused update, traced, 16 steps per call) and, as loops, graphduo train against Keras's "
+                 f"fit; check they agree; write results.json and SUMMARY.md. Needs PyTorch: {INSTALL_TORCH}.")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: MLP at batch 32 only, 1 round, short measurements")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
@@ -660,7 +672,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def loss_mismatch(results) -> str | None:
-    """One line naming the workloads whose four variants reached different losses, or None."""
+    """One line naming the workloads whose variants reached different losses, or None."""
     bad = [r for r in results if not r["checks"]["ok"]]
     if not bad:
         return None
@@ -671,10 +683,10 @@ def loss_mismatch(results) -> str | None:
 
 
 def report(args, command: str, env: dict, results: list[dict], wall_s: float) -> int:
-    """Print the table and goals, write results.json, SUMMARY.md and the plot into ``args.out``; the exit
+    """Print the tables and goals, write results.json, SUMMARY.md and the plot into ``args.out``; the exit
     status: 1 (with a one-line error) when the variants' losses disagree, else 0."""
-    goal_list = goals(results)
-    print(format_table(table_rows(results)))
+    goal_list = goals(results, env["backend"])
+    print(markdown_table(HEADER, table_rows(results)))
     for g in goal_list:
         print(f"goal: {g['goal']}: {g['met']} ({g['reading']})")
     mismatch = loss_mismatch(results)
@@ -695,25 +707,30 @@ def report(args, command: str, env: dict, results: list[dict], wall_s: float) ->
 def main(argv=None) -> None:
     args = parse_args(argv)
     settings = _common.setup()  # the CLI's process settings, before any JAX computation
-    torch = need_torch()
+    keras = _keras_steps.need_keras()  # sets KERAS_BACKEND=jax before Keras is imported
+    torch = _torch_steps.need_torch("experiments/peers.py")
     torch.set_num_threads(os.cpu_count() or 1)
-    # torch.compile's first step must include a real compile, not a hit in inductor's on-disk cache
-    # left by an earlier run (which makes it look ~10x cheaper); graphduo-traced compiles afresh too.
+    # torch.compile's first call must include a real compile, not a hit in inductor's on-disk cache
+    # left by an earlier run; graphduo-traced compiles afresh too.
     torch._inductor.config.force_disable_caches = True
     command = _common.command_line(argv)
     t_start = time.perf_counter()
     env = _common.environment(settings)
     args.torch_device, precision = torch_device(torch, env["backend"])
-    env.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), torch_device=args.torch_device,
-               torch_precision=precision)
-    env["matmul_peak_flops_start"] = _common.matmul_peak_flops()
+    env.update(_torch_steps.settings(torch), torch_device=args.torch_device, torch_precision=precision,
+               matmul_peak_size=_common.peak_matmul_size())
+    env.update(_keras_steps.settings(keras) if keras is not None else {"keras": None})
+    env["keras_note"] = (f"Keras {env['keras']} on {env['keras_backend']}" if keras is not None else
+                         f"Keras not installed ({_keras_steps.INSTALL_KERAS}): its loops not run")
     print(f"peers on {env['cpu']} ({env['cpu_count']} cores), {env['device_kind']}, jax {env['jax']}, torch "
-          f"{env['torch']} on {args.torch_device} ({env['torch_threads']} threads), matmul {env['matmul_peak_flops_start'] / 1e9:.0f} GFLOP/s",
-          file=sys.stderr)
-    results = [bench_workload(torch, m, b, args) for m in args.models for b in args.batch_sizes]
-    env["matmul_peak_flops_end"] = _common.matmul_peak_flops()
-    env["matmul_peak_flops"] = max(env["matmul_peak_flops_start"], env["matmul_peak_flops_end"])
-    env["matmul_peak_size"] = _common.peak_matmul_size()
+          f"{env['torch']} on {args.torch_device} ({env['torch_threads']} threads); {env['keras_note']}", file=sys.stderr)
+    results = []
+    for m in args.models:
+        for b in args.batch_sizes:
+            w = make_workload(m, b)
+            res = bench_steps(torch, w, args, keras)
+            res["loops"] = bench_loops(w, res["summary"]["graphduo-traced"]["median_ms"], args, keras)
+            results.append(res)
     status = report(args, command, env, results, time.perf_counter() - t_start)
     if status:
         raise SystemExit(status)

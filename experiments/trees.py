@@ -137,14 +137,21 @@ def torch_worker(budget_s: float, most: int, workloads) -> None:
     sys.path.insert(0, str(HERE.parent))
     import _torch_steps as ts
 
+    sys.path.insert(0, str(HERE.parents[1] / "src"))
+    from graphduo import runtime
+
+    # PyTorch at its best gets the host-memory policy graphduo's workers run under: on glibc's default
+    # malloc its CNN step at batch 256 mapped its large blocks afresh every step, up to 1.5x slower
+    # (RESULTS.md section 5), which made the ratios of 2026-12-06 01:20 UTC flatter graphduo.
+    memory_note = runtime.reuse_host_memory(runtime.DEFAULT_HOST_MEMORY)
     torch = ts.need_torch("experiments/trees.py")
     torch.set_num_threads(os.cpu_count())
     import jax  # only to draw graphduo's initial weights (this tree's models), as every other cell does
 
-    sys.path.insert(0, str(HERE.parents[1] / "src"))
     from graphduo import build_model, create_train_state, make_optimizer
 
-    cells, hello = {}, {"settings": ts.settings(torch), "losses": {}, "first_step_s": {}, "graph_breaks": {}}
+    settings = {**ts.settings(torch), "host_memory": memory_note}
+    cells, hello = {}, {"settings": settings, "losses": {}, "first_step_s": {}, "graph_breaks": {}}
     for name, batch_size in workloads:
         model = build_model(name, INPUT_SHAPE, NUM_CLASSES)  # the very weights the graphduo cells start from
         params = create_train_state(model, make_optimizer("adam", LR), jax.random.key(0)).params

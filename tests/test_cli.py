@@ -80,12 +80,12 @@ def test_compare_fails_when_the_modes_compute_different_steps(backend, capsys, m
     # for TF32 accelerators: traced mode trains with twice the learning rate, and the check must say so.
     from graphduo import compare as compare_module
     from graphduo.step import make_optimizer
-    from graphduo.train import wrap_steps
+    real_plan = compare_module.parallel.plan
 
-    def skewed(mode, model, tx):
-        return wrap_steps(mode, model, make_optimizer("sgd", 0.1) if mode == "traced" else tx)
+    def skewed(mode, model, tx, **options):
+        return real_plan(mode, model, make_optimizer("sgd", 0.1) if mode == "traced" else tx, **options)
 
-    monkeypatch.setattr(compare_module, "wrap_steps", skewed)
+    monkeypatch.setattr(compare_module.parallel, "plan", skewed)
     real_rtol = compare_module.loss_rtol
     monkeypatch.setattr(compare_module, "loss_rtol", lambda _: real_rtol(backend))
     code, out, err = run(capsys, "compare", "--model", "mlp", "--optimizer", "sgd", "--lr", "0.05",

@@ -109,12 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "once eagerly and once traced; check both reach the same loss; report time to first "
                     "step, steady-state step time, samples/s, the speedup and the break-even step count.",
         epilog="examples: graphduo compare; graphduo compare --model mlp --batch-size 256 --json; "
-               "graphduo compare --dataset synthetic --synthetic-shape 32x32x3 --steps 50")
+               "graphduo compare --dataset synthetic --synthetic-shape 32x32x3 --steps 50; "
+               "graphduo compare --model mlp --eager-update fused --steps-per-call 16")
     compare_fields = ("model", "dataset", "optimizer", "lr", "batch_size", "steps", "seed",
                       "data_dir", "download", "synthetic_shape", "synthetic_size",
-                      "mlp_features", "cnn_channels", "cnn_dense", "cpu_convolutions", "host_memory")
+                      "mlp_features", "cnn_channels", "cnn_dense", "eager_update", "steps_per_call", "unroll",
+                      "cpu_convolutions", "host_memory")
     add_config_arguments(compare, only=compare_fields, defaults={"steps": 200}, helps={
-        "model": "model to compare", "steps": "steps to train in each mode"})
+        "model": "model to compare", "steps": "steps to train in each mode",
+        "eager_update": "the eager side's optimizer update: ops (op by op) or fused (one compiled op, as "
+                        "PyTorch's fused Adam)",
+        "steps_per_call": "the traced side's optimizer steps per executable (a lax.scan over K batches); the time "
+                          "reported is per step, and the step count is rounded down to a multiple of K"})
     _add_output_flags(compare, "print the result as one JSON object on stdout", "no progress line on stderr")
     compare.set_defaults(config_fields=compare_fields)
 
@@ -126,12 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "bytes, memory, and the graph as Graphviz DOT. eager: every op dispatched in one step, in "
                     "order, each timed to completion, grouped by primitive and phase (forward, backward, update).",
         epilog="examples: graphduo inspect --model mlp --batch-size 256; graphduo inspect --format dot > step.dot; "
-               "graphduo inspect --model cnn --dataset synthetic --synthetic-shape 28x28x1 --svg step.svg")
+               "graphduo inspect --model cnn --dataset synthetic --synthetic-shape 28x28x1 --svg step.svg; "
+               "graphduo inspect --model mlp --steps-per-call 8")
     inspect_fields = ("model", "dataset", "optimizer", "lr", "batch_size", "seed", "data_dir", "synthetic_shape",
-                      "mlp_features", "cnn_channels", "cnn_dense", "cpu_convolutions", "host_memory")
+                      "mlp_features", "cnn_channels", "cnn_dense", "steps_per_call", "unroll", "cpu_convolutions",
+                      "host_memory")
     add_config_arguments(inspect, only=inspect_fields, helps={
         "model": "model whose training step to inspect", "lr": "the optimizer's learning rate in the step",
-        "batch_size": "batch size of the inspected step"})
+        "batch_size": "batch size of the inspected step",
+        "steps_per_call": "also compile K steps as one executable (a lax.scan) and show the loop in its graph"})
     inspect.add_argument("--format", choices=("text", "json", "dot"), default="text",
                          help="text: a report; json: every figure and every eager op; dot: the optimized graph "
                               "(default: text)")
@@ -351,7 +360,8 @@ def _inspect(config: Config, args) -> int:
             raise ConfigError(str(err)) from None
     run = prepare(config)
     state, batch = graphs.example_inputs(run.model, run.tx, config.batch_size, config.seed)
-    traced_graph = graphs.inspect_traced(run.model, run.tx, state, batch)
+    traced_graph = graphs.inspect_traced(run.model, run.tx, state, batch, steps_per_call=config.steps_per_call,
+                                         unroll=config.unroll)
     dot = graphs.hlo_to_dot(traced_graph["optimized_hlo"], traced_graph["platform"])
     if args.format == "dot":
         print(dot)

@@ -7,13 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from graphduo import timing
-from graphduo.config import MODES, Config
+from graphduo import parallel, timing
+from graphduo.config import MODES, Config, ConfigError
 from graphduo.data import epoch_batches
 from graphduo.step import create_train_state
-from graphduo.train import prepare, wrap_steps
+from graphduo.train import prepare
 
 # Both modes run the same float32 arithmetic, but XLA fuses and reorders it, so results differ by
 # rounding (~1e-7 relative per op); over hundreds of Adam steps that grows to ~1e-5..1e-4 in the
@@ -47,6 +48,10 @@ def fixed_batches(run, steps: int) -> list[dict[str, jax.Array]]:
     return [jax.device_put(b) for b in itertools.islice(stream, steps)]
 
 
+def _stack(batches: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    return jax.tree.map(lambda *b: jnp.stack(b), *batches)
+
+
 def max_abs_diff(a, b) -> float:
     """The largest absolute elementwise difference between two pytrees of the same structure."""
     diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
@@ -65,32 +70,46 @@ def compare(config: Config, *, warmup: int = 5, announce: Callable[[str], None] 
     recorded in the result's environment.
     """
     run = prepare(config)
+    k = config.steps_per_call
+    steps = run.total_steps - run.total_steps % k  # whole calls only: a shorter one would compile again
+    if steps < k * (warmup + 2):
+        raise ConfigError(f"--steps {run.total_steps} gives {steps // k} calls of --steps-per-call {k}; timing needs "
+                          f"at least {warmup + 2}: use --steps {k * (warmup + 2)} or more")
     if announce is not None:
-        announce(f"training {config.model} for {run.total_steps} steps in eager, then traced mode...")
-    batches = fixed_batches(run, run.total_steps)
+        rounded = f" (rounded down to a multiple of --steps-per-call {k})" if steps != run.total_steps else ""
+        announce(f"training {config.model} for {steps} steps{rounded} in eager, then traced mode...")
+    batches = fixed_batches(run, steps)
     results: dict[str, Any] = {}
     finals = {}
     for mode in MODES:
-        train_step, _ = wrap_steps(mode, run.model, run.tx)
         state = create_train_state(run.model, run.tx, jax.random.key(config.seed))
-        state, metrics, times = timing.time_steps(train_step, state, batches, warmup=warmup)
+        if mode == "traced" and k > 1:  # K steps per executable: time the calls, report per step
+            step = parallel.plan(mode, run.model, run.tx, steps_per_call=k, unroll=config.unroll).train_steps
+            calls = [_stack(batches[i:i + k]) for i in range(0, steps, k)]
+            state, metrics, times = timing.time_steps(step, state, calls, warmup=warmup)
+            times = timing.StepTimes(times.first_s, tuple(t / k for t in times.times_s))
+            final_loss = float(metrics[-1]["loss"][-1])
+        else:
+            step = parallel.plan(mode, run.model, run.tx, eager_update=config.eager_update).train_step
+            state, metrics, times = timing.time_steps(step, state, batches, warmup=warmup)
+            final_loss = float(metrics[-1]["loss"])
         finals[mode] = jax.device_get(state.params)
-        results[mode] = {
-            **times.summary(config.batch_size),
-            "final_loss": float(metrics[-1]["loss"]),
-            "compiles": len(train_step.compiles),
-        }
+        results[mode] = {**times.summary(config.batch_size), "final_loss": final_loss, "compiles": len(step.compiles)}
+    results["eager"]["eager_update"] = config.eager_update
+    results["traced"]["steps_per_call"] = k
     e, t = results["eager"], results["traced"]
     out = {
         "model": config.model,
         "dataset": config.dataset,
         "optimizer": config.optimizer,
         "batch_size": config.batch_size,
-        "steps": run.total_steps,
+        "steps": steps,
         "modes": results,
         "speedup": e["step_time_ms"] / t["step_time_ms"],
+        # a first call of K steps counts as its compile plus one step: first - (K - 1) steps
         "break_even_steps": timing.break_even_steps(
-            e["first_step_s"], e["step_time_ms"] / 1e3, t["first_step_s"], t["step_time_ms"] / 1e3),
+            e["first_step_s"], e["step_time_ms"] / 1e3,
+            t["first_step_s"] - (k - 1) * t["step_time_ms"] / 1e3, t["step_time_ms"] / 1e3),
         "max_param_diff": max_abs_diff(finals["eager"], finals["traced"]),
         "loss_diff": abs(e["final_loss"] - t["final_loss"]),
         "loss_rtol": loss_rtol(jax.default_backend()),
@@ -104,7 +123,7 @@ def format_table(result: dict[str, Any]) -> str:
     """A side-by-side table of a ``compare`` result, for people."""
     e, t = result["modes"]["eager"], result["modes"]["traced"]
     rows = [
-        ("time to first step", f"{e['first_step_s']:.3f} s", f"{t['first_step_s']:.3f} s"),
+        ("time to first step (first call)", f"{e['first_step_s']:.3f} s", f"{t['first_step_s']:.3f} s"),
         ("step time, median", f"{e['step_time_ms']:.3f} ms", f"{t['step_time_ms']:.3f} ms"),
         ("step time, p10-p90", f"{e['step_time_p10_ms']:.3f}-{e['step_time_p90_ms']:.3f} ms",
          f"{t['step_time_p10_ms']:.3f}-{t['step_time_p90_ms']:.3f} ms"),
@@ -113,10 +132,13 @@ def format_table(result: dict[str, Any]) -> str:
         (f"loss after {result['steps']} steps", f"{e['final_loss']:.6f}", f"{t['final_loss']:.6f}"),
     ]
     width = max(len(r[0]) for r in rows)
+    k = t.get("steps_per_call", 1)
+    eager_name = "eager, fused update" if e.get("eager_update") == "fused" else "eager"
+    traced_name = f"traced, {k} steps/call" if k > 1 else "traced"
     lines = [f"{result['model']} on {result['dataset']}, batch {result['batch_size']}, "
              f"{result['optimizer']}, {result['steps']} steps, {result['environment']['backend']} "
              f"({result['environment']['device_kind']})", "",
-             f"{'':<{width}}  {'eager':>22}  {'traced':>22}"]
+             f"{'':<{width}}  {eager_name:>22}  {traced_name:>22}"]
     lines += [f"{a:<{width}}  {b:>22}  {c:>22}" for a, b, c in rows]
     be = result["break_even_steps"]
     lines += [

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from graphduo.data import DATASETS
+from graphduo.eager import EAGER_UPDATES
 from graphduo.models import MODELS
 from graphduo.parallel import PRECISIONS, STRATEGIES
 from graphduo.runtime import CPU_CONVOLUTIONS, DEFAULT_CPU_CONVOLUTIONS, DEFAULT_HOST_MEMORY, HOST_MEMORY
@@ -82,6 +83,15 @@ class Config:
                                  "virtual devices; default: all)")
     precision: str = _field("fp32", "bf16: compute in bfloat16 with float32 parameters and optimizer state",
                             choices=tuple(PRECISIONS))
+    eager_update: str = _field("ops", "eager mode's optimizer update: ops (op by op, as every other eager op) or "
+                               "fused (compiled into one op, as PyTorch's Adam(fused=True) is one kernel; the "
+                               "forward and backward passes stay op by op)", choices=EAGER_UPDATES)
+    steps_per_call: int = _field(1, "traced mode: optimizer steps per executable, a lax.scan over K batches "
+                                 "gathered on the device; checkpoints, signals and evaluation happen between calls",
+                                 metavar="K")
+    unroll: int = _field(1, "with --steps-per-call: steps per iteration of the loop XLA compiles; --unroll K unrolls "
+                         "the whole call (no loop, a longer compile). XLA:CPU runs convolutions inside a loop far "
+                         "slower than outside one: see experiments/RESULTS.md", metavar="U")
     distributed: bool = _field(False, "multi-process run: call jax.distributed.initialize(), which detects "
                                "Slurm, Open MPI, Cloud TPU and Kubernetes")
     coordinator: str | None = _field(None, "HOST:PORT of process 0, for clusters JAX does not detect",
@@ -123,7 +133,8 @@ class Config:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         positive = {"batch_size": self.batch_size, "cnn_dense": self.cnn_dense,
-                    "synthetic_size": self.synthetic_size}
+                    "synthetic_size": self.synthetic_size, "steps_per_call": self.steps_per_call,
+                    "unroll": self.unroll}
         if self.epochs is not None:
             positive["epochs"] = self.epochs
         if self.steps is not None:

@@ -218,8 +218,14 @@ def epoch_batches(
     index, count = shard
     if batch_size % count or not 0 <= index < count:
         raise DataError(f"epoch_batches: cannot take slice {index} of {count} of a batch of {batch_size}")
-    perm = np.random.default_rng([seed, epoch]).permutation(len(x))
+    perm = epoch_permutation(len(x), seed=seed, epoch=epoch)
     return _batches(x, y, perm, batch_size, steps, index, batch_size // count)
+
+
+def epoch_permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The order of one epoch's ``n`` samples: batch ``i`` is rows ``perm[i * b:(i + 1) * b]``. The
+    same for ``epoch_batches`` on the host and for steps that gather their batches on the device."""
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
 
 
 def _batches(x, y, perm, batch_size, steps, index, rows):

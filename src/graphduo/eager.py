@@ -4,6 +4,11 @@ Each ``jnp``/``lax`` call dispatches one operation as soon as Python reaches it,
 records and replays the graph as it goes. Python control flow on concrete values therefore just
 works (``if loss > 1.0:`` inside a loss), and every op pays JAX's dispatch cost. This module adds
 nothing on top of that cost: it calls the pure step as it is.
+
+One variant, named wherever eager figures appear: ``EAGER_UPDATES``. ``ops`` (the default) runs the
+optimizer update op by op like everything else; ``fused`` compiles the update alone into one op
+(``fused_update``), as PyTorch's ``Adam(fused=True)`` runs it as one kernel, while the forward and
+backward passes stay op by op.
 """
 
 from __future__ import annotations
@@ -14,6 +19,14 @@ from typing import Any
 import jax
 
 MODE = "eager"
+EAGER_UPDATES = ("ops", "fused")
+
+
+def fused_update(update: Callable[..., Any]) -> Callable[..., Any]:
+    """The optimizer update ``(grads, opt_state, params) -> (params, opt_state)`` as one compiled
+    op: ``make_train_step(..., wrap_update=fused_update)`` for eager mode's ``fused`` variant. Inside
+    a traced step a nested ``jax.jit`` is inlined, so it changes nothing there."""
+    return jax.jit(update)
 
 
 class EagerStep:

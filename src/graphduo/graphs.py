@@ -19,16 +19,18 @@ from typing import Any
 
 import jax
 import jax.extend.core as jex_core
+import jax.numpy as jnp
 import numpy as np
 
 from graphduo.models import Model
-from graphduo.step import TrainState, make_train_step
+from graphduo.step import TrainState, make_scan_steps, make_train_step
 from graphduo.traced import TracedStep
 
 # HLO opcodes that move no data and launch nothing: not kernels.
 _NOT_KERNELS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy-start", "copy-done"}
-# name = shape opcode(...); a shape is an array type or a tuple of them, "(f32[8]{0}, s32[8]{0})".
-_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w\-]+)\(")
+# name = shape opcode(...); a shape is an array type or a tuple of them, "(f32[8]{0}, s32[8]{0})", which
+# may hold comments ("/*index=5*/") and tuples one level down.
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(\((?:[^()]|\([^()]*\))*\)|\S+)\s+([\w\-]+)\(")
 
 
 def _parse(text: str):
@@ -88,8 +90,11 @@ def _entry_name(text: str) -> str:
     return ""
 
 
-def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]:
-    """The compiled step's static graph, measured from JAX's and XLA's own artefacts."""
+def inspect_traced(model: Model, tx, state: TrainState, batch, *, steps_per_call: int = 1,
+                   unroll: int = 1) -> dict[str, Any]:
+    """The compiled step's static graph, measured from JAX's and XLA's own artefacts. With
+    ``steps_per_call`` > 1, also the executable of that many steps (``scan``): the loop XLA keeps
+    and the kernels in its body."""
     step = TracedStep(make_train_step(model.apply, tx))
     stages = step.stages(state, batch)
     primitives = collections.Counter()
@@ -109,7 +114,7 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
     kernels = [(op, line) for op, line in entry_ops if op not in _NOT_KERNELS]
     platform = jax.devices()[0].platform
     libraries = collections.Counter(kernel_library(op, line, platform) for op, line in kernels)
-    return {
+    result = {
         "jaxpr_equations": sum(primitives.values()),
         "jaxpr_primitives": dict(primitives.most_common()),
         "hlo_instructions_before_optimization": len(hlo_instructions(before)),
@@ -125,6 +130,27 @@ def inspect_traced(model: Model, tx, state: TrainState, batch) -> dict[str, Any]
                     "compile_s": stages.record.compile_s},
         "optimized_hlo": after,
     }
+    if steps_per_call > 1:
+        result["scan"] = inspect_scan(model, tx, state, batch, steps_per_call, unroll=unroll)
+    return result
+
+
+def inspect_scan(model: Model, tx, state: TrainState, batch, steps: int, *, unroll: int = 1) -> dict[str, Any]:
+    """The executable of ``steps`` optimizer steps (``graphduo.step.make_scan_steps``): XLA keeps
+    the ``lax.scan`` as a ``while`` loop whose body holds ``unroll`` steps' kernels (none when the
+    whole call is unrolled)."""
+    stacked = jax.tree.map(lambda x: jnp.stack([x] * steps), batch)
+    stages = TracedStep(make_scan_steps(make_train_step(model.apply, tx), unroll=unroll)).stages(state, stacked)
+    text = stages.compiled.as_text()
+    entry = _entry_name(text)
+    instructions = list(_parse(text))
+    loops = [line for comp, _, _, op, line in instructions if comp == entry and op == "while"]
+    bodies = {m.group(1) for line in loops if (m := re.search(r"body=(%?[\w.\-]+)", line))}
+    in_body = [op for comp, _, _, op, _ in instructions if comp in bodies and op not in _NOT_KERNELS]
+    outside = [op for comp, _, _, op, _ in instructions if comp == entry and op not in _NOT_KERNELS | {"while"}]
+    return {"steps_per_call": steps, "unroll": unroll, "while_loops": len(loops), "kernels_in_loop_body": len(in_body),
+            "kernels_outside_loop": len(outside), "compile_s": stages.record.total_s,
+            "flops_per_call": stages.cost_analysis().get("flops", 0.0)}
 
 
 _LIBRARY_COLOURS = {"XLA codegen": "#cfe2ff", "YNNPACK": "#d1e7dd", "XNNPACK": "#d1e7dd", "Eigen": "#ffe5d0"}
@@ -248,6 +274,7 @@ def format_report(model_name: str, batch_size: int, traced: dict, eager: dict, t
         f"{mem.get('temp_size_in_bytes', 0):,} B, outputs {mem.get('output_size_in_bytes', 0):,} B",
         f"  trace / lower / compile  {traced['compile']['trace_s']:.3f} / {traced['compile']['lower_s']:.3f} / "
         f"{traced['compile']['compile_s']:.3f} s",
+        *_scan_lines(traced.get("scan")),
         "",
         f"eager (dynamic graph, op by op, each op timed to completion; median of {eager.get('repeats', 1)} replays)",
         f"  ops dispatched / step    {eager['ops_per_step']}, {eager['total_us'] / 1e3:.2f} ms in all",
@@ -261,6 +288,14 @@ def format_report(model_name: str, batch_size: int, traced: dict, eager: dict, t
                   f"{traced['kernels_per_step']} kernels launched per traced step "
                   f"({eager['ops_per_step'] / max(traced['kernels_per_step'], 1):.1f}x)"]
     return "\n".join(lines)
+
+
+def _scan_lines(scan: dict | None) -> list[str]:
+    if not scan:
+        return []
+    return [f"  {scan['steps_per_call']} steps per call      {scan['while_loops']} while loop (the lax.scan, "
+            f"{scan['unroll']} step(s) an iteration) of {scan['kernels_in_loop_body']} kernels, "
+            f"{scan['kernels_outside_loop']} kernels outside it; compiled in {scan['compile_s']:.3f} s"]
 
 
 def summary(traced: dict, eager: dict) -> dict[str, Any]:

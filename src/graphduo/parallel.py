@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from graphduo import eager, traced
 from graphduo.models import Model
-from graphduo.step import make_eval_step, make_train_step
+from graphduo.step import make_eval_step, make_gather_steps, make_scan_steps, make_train_step
 
 DATA_AXIS = "data"
 STRATEGIES = ("none", "shard_map", "pmap", "auto")
@@ -74,6 +74,11 @@ class Plan:
     None) return; ``host_params`` brings parameters back as one NumPy tree. Under ``pmap`` the
     state and the step's metrics carry a leading device axis (the metrics are already averaged:
     every entry is the same), and evaluation takes the batch split over the devices as it comes.
+
+    ``train_steps``, when set, runs several optimizer steps per call (``--steps-per-call``): with
+    ``gather`` it takes ``(state, images, labels, perm, ticks)``, the training split on the device
+    (``graphduo.step.make_gather_steps``), else ``(state, batches)`` with K batches stacked
+    (``graphduo.step.make_scan_steps``); its metrics carry one value per step.
     """
 
     strategy: str
@@ -84,6 +89,8 @@ class Plan:
     put_batch: Callable[[dict[str, np.ndarray]], Any]
     eval_params: Callable[[Any], Any]
     put_eval_batch: Callable[[dict[str, np.ndarray]], Any] | None = None
+    train_steps: Any = None
+    gather: bool = False
 
     @property
     def num_devices(self) -> int:
@@ -95,26 +102,51 @@ class Plan:
 
 
 def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | None = None,
-         precision: str = "fp32") -> Plan:
-    """Wrap the shared pure steps for ``mode`` (eager/traced) and ``strategy`` in exactly one place."""
+         precision: str = "fp32", eager_update: str = "ops", steps_per_call: int = 1, unroll: int = 1,
+         gather: tuple[int, int] | None = None) -> Plan:
+    """Wrap the shared pure steps for ``mode`` (eager/traced) and ``strategy`` in exactly one place.
+
+    ``eager_update="fused"``: eager mode's optimizer update as one compiled op (``graphduo.eager``).
+    ``steps_per_call`` > 1 (traced, one device): ``train_steps`` runs that many steps per call, in
+    a loop of ``unroll`` steps an iteration.
+    ``gather=(batch_size, steps_per_epoch)``: ``train_steps`` gathers each step's batch from a
+    training split held on the device (any ``steps_per_call``, one included).
+    """
     if strategy not in STRATEGIES:
         raise ParallelError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if precision not in PRECISIONS:
         raise ParallelError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if mode not in (eager.MODE, traced.MODE):
         raise ParallelError(f"unknown mode {mode!r}: choose one of eager, traced")
+    if eager_update not in eager.EAGER_UPDATES:
+        raise ParallelError(f"unknown eager update {eager_update!r}: choose one of {', '.join(eager.EAGER_UPDATES)}")
+    if steps_per_call > 1 or gather is not None:
+        if mode != traced.MODE:
+            raise ParallelError(f"--steps-per-call {steps_per_call} needs --mode traced: eager mode runs op by op, "
+                                f"one step per call")
+        if strategy != "none":
+            raise ParallelError(f"--steps-per-call {steps_per_call} runs on one device: use --strategy none, or "
+                                f"--steps-per-call 1 with --strategy {strategy}")
     dtype = PRECISIONS[precision]
     wrap = traced.TracedStep if mode == traced.MODE else eager.EagerStep
     eval_fn = make_eval_step(model.apply, compute_dtype=dtype)
+    fused = eager.fused_update if mode == eager.MODE and eager_update == "fused" else None
 
     if strategy == "none":
         if devices not in (None, 1) or jax.process_count() > 1:
             raise ParallelError("several devices or processes need a data-parallel strategy: add "
                                 "--strategy shard_map (or pmap, auto)")
-        train_fn = make_train_step(model.apply, tx, compute_dtype=dtype)
+        train_fn = make_train_step(model.apply, tx, compute_dtype=dtype, wrap_update=fused)
         if mode == traced.MODE:
+            steps = None
+            if gather is not None:
+                batch_size, per_epoch = gather
+                steps = wrap(make_gather_steps(train_fn, batch_size=batch_size, steps_per_epoch=per_epoch,
+                                               unroll=unroll), donate_argnums=0)
+            elif steps_per_call > 1:
+                steps = wrap(make_scan_steps(train_fn, unroll=unroll), donate_argnums=0)
             return Plan(strategy, None, wrap(train_fn, donate_argnums=0), wrap(eval_fn),
-                        _identity, jax.device_put, _identity)
+                        _identity, jax.device_put, _identity, train_steps=steps, gather=gather is not None)
         return Plan(strategy, None, wrap(train_fn), wrap(eval_fn), _identity, jax.device_put, _identity)
 
     if mode == eager.MODE and strategy != "shard_map":
@@ -130,7 +162,7 @@ def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | 
         eval_step = eager.EagerStep(eval_fn)
 
     if strategy == "shard_map":
-        train_fn = make_train_step(model.apply, tx, reduce=mean_over_devices, compute_dtype=dtype)
+        train_fn = make_train_step(model.apply, tx, reduce=mean_over_devices, compute_dtype=dtype, wrap_update=fused)
         sharded = jax.shard_map(train_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                                 out_specs=(P(), P()), check_vma=False)
         train_step = wrap(sharded, donate_argnums=0) if mode == traced.MODE else wrap(sharded)

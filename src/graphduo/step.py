@@ -97,6 +97,7 @@ def make_train_step(
     *,
     reduce: Callable[[Any], Any] | None = None,
     compute_dtype: jnp.dtype | None = None,
+    wrap_update: Callable[[Callable], Callable] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """``train_step(state, batch) -> (state, {"loss", "accuracy"})``: one pure optimizer step.
 
@@ -107,10 +108,15 @@ def make_train_step(
         wrappers pass a cross-device mean here (``graphduo.parallel``). ``None`` on one device.
       compute_dtype: run the forward and backward pass in this dtype (``jnp.bfloat16``) while
         parameters, gradients and optimizer state stay float32 (mixed precision, as PyTorch AMP).
+      wrap_update: applied once to the optimizer update, ``(grads, opt_state, params) -> (params,
+        opt_state)``; eager mode's fused variant compiles it into one op (``graphduo.eager``).
 
     The metrics describe the parameters *before* the update (the loss the gradient came from).
     """
     forward = _in_dtype(apply_fn, compute_dtype)
+    update = optimizer_update(tx)
+    if wrap_update is not None:
+        update = wrap_update(update)
 
     def loss_fn(params, batch):
         logits = forward(params, batch["image"])
@@ -121,11 +127,59 @@ def make_train_step(
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
         if reduce is not None:
             grads, metrics = reduce((grads, metrics))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = update(grads, state.opt_state, state.params)
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return train_step
+
+
+def make_scan_steps(train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]], *, unroll: int = 1):
+    """``steps(state, batches) -> (state, metrics)``: one ``train_step`` per batch of ``batches``
+    (each array with a leading axis of K steps), as a ``lax.scan``: K optimizer steps in one
+    traced program. ``metrics`` has the same leading axis: one value per step. ``unroll``: steps
+    per iteration of the loop XLA compiles (``lax.scan``'s own; K: no loop left, a longer compile)."""
+
+    def steps(state: TrainState, batches: Batch) -> tuple[TrainState, Metrics]:
+        return jax.lax.scan(train_step, state, batches, unroll=unroll)
+
+    return steps
+
+
+def make_gather_steps(train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]], *,
+                      batch_size: int, steps_per_epoch: int, unroll: int = 1):
+    """``steps(state, images, labels, perm, ticks) -> (state, metrics)``: ``len(ticks)`` optimizer
+    steps on a training split already on the device, as a ``lax.scan`` (one step without one).
+
+    Each step gathers its own batch on the device: rows ``perm[p * batch_size:(p + 1) * batch_size]``
+    of ``images`` and ``labels``, where ``p = state.step % steps_per_epoch`` is the step's place in
+    its epoch and ``perm`` the epoch's permutation (``graphduo.data.epoch_permutation``): the batch
+    ``graphduo.data.epoch_batches`` yields for that step on the host. ``ticks`` only says how many
+    steps (its values are unused); ``metrics`` has one value per step along a leading axis.
+    ``unroll`` as in ``make_scan_steps``.
+    """
+
+    def steps(state: TrainState, images, labels, perm, ticks) -> tuple[TrainState, Metrics]:
+        def one(state: TrainState, _=None) -> tuple[TrainState, Metrics]:
+            start = (state.step % steps_per_epoch) * batch_size
+            rows = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
+            return train_step(state, {"image": images[rows], "label": labels[rows]})
+
+        if ticks.shape[0] == 1:  # no loop for one step: the program of a plain step
+            state, metrics = one(state)
+            return state, jax.tree.map(lambda m: m[None], metrics)
+        return jax.lax.scan(one, state, ticks, unroll=unroll)
+
+    return steps
+
+
+def optimizer_update(tx: optax.GradientTransformation) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """``(grads, opt_state, params) -> (params, opt_state)``: one update of ``tx``, applied."""
+
+    def update(grads, opt_state, params):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return update
 
 
 def _in_dtype(apply_fn: ApplyFn, dtype) -> ApplyFn:

@@ -35,7 +35,7 @@ import numpy as np
 from graphduo import parallel, paths, traced
 from graphduo.checkpoint import Checkpointer
 from graphduo.config import DEFAULT_EPOCHS, Config, ConfigError
-from graphduo.data import Dataset, epoch_batches, load_dataset, steps_per_epoch
+from graphduo.data import Dataset, epoch_batches, epoch_permutation, load_dataset, steps_per_epoch
 from graphduo.models import Model, build_model, count_params
 from graphduo.step import create_train_state, make_optimizer
 
@@ -69,6 +69,42 @@ def wrap_steps(mode: str, model: Model, tx) -> tuple[Any, Any]:
 
 
 @dataclasses.dataclass
+class Call:
+    """``state, metrics = call(state)`` runs ``n`` optimizer steps; ``stacked``: the metrics carry a
+    leading axis of ``n`` values (else one step's, as the single-step wrappers return them)."""
+
+    n: int
+    run: Callable[[Any], tuple[Any, Any]]
+    stacked: bool = True
+
+    def __call__(self, state):
+        return self.run(state)
+
+
+def _host(batch):
+    return batch
+
+
+def _stack(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+DEVICE_SPLIT_FRACTION = 0.25
+"""The training split goes on the device (``--steps-per-call``'s batches gathered there) when it
+takes at most this fraction of the device's memory, as the device reports it."""
+DEVICE_SPLIT_BYTES = 2 << 30
+"""Where the device reports no memory size (a CPU): the largest split put on it."""
+
+
+def fits_on_device(nbytes: int, device=None) -> bool:
+    """Whether a training split of ``nbytes`` goes on ``device`` (default: the first)."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    limit = (stats or {}).get("bytes_limit")
+    return nbytes <= (DEVICE_SPLIT_FRACTION * limit if limit else DEVICE_SPLIT_BYTES)
+
+
+@dataclasses.dataclass
 class Run:
     """A run assembled from a config and checked, before anything is written to disk."""
 
@@ -80,6 +116,8 @@ class Run:
     steps_per_epoch: int
     plan: parallel.Plan
     run_dir: pathlib.Path
+    _split: Any = dataclasses.field(default=None, repr=False)
+    _tick_arrays: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def epochs(self) -> int:
@@ -89,14 +127,62 @@ class Run:
         """Fresh parameters and optimizer state from the config's seed, placed for the plan."""
         return self.plan.put_state(create_train_state(self.model, self.tx, jax.random.key(self.config.seed)))
 
-    def epoch_batches(self, start: int) -> Iterator[tuple[int, Iterator[Any]]]:
-        """``(epoch, batches on the device)`` from step ``start`` to the end: a resumed run
-        continues mid-epoch where it stopped, since batches depend on (seed, epoch, index) only."""
+    @property
+    def steps_per_call(self) -> int:
+        return self.config.steps_per_call
+
+    def epoch_calls(self, start: int) -> Iterator[tuple[int, Iterator[Call]]]:
+        """``(epoch, its calls)`` from step ``start`` to the end. A call runs ``n`` optimizer steps:
+        one on a batch put on the device from the host, or up to ``--steps-per-call`` in one
+        executable. Calls never cross an epoch's end (evaluation) nor the run's. A resumed run
+        continues mid-epoch where it stopped: batches depend on (seed, epoch, index) only."""
         first, skip = divmod(start, self.steps_per_epoch)
-        ds, cfg = self.dataset, self.config
         for epoch in range(first, self.epochs):
-            yield epoch, device_batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                        put=self.plan.put_batch, skip=skip if epoch == first else 0)
+            done = epoch * self.steps_per_epoch + (skip if epoch == first else 0)
+            yield epoch, self._calls(epoch, done)
+
+    def _chunks(self, epoch: int, done: int) -> Iterator[tuple[int, int]]:
+        """``(place in the epoch, steps)`` of each call of ``epoch`` from global step ``done``."""
+        end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
+        while done < end:
+            n = min(self.steps_per_call, end - done)
+            yield done - epoch * self.steps_per_epoch, n
+            done += n
+
+    def _calls(self, epoch: int, done: int) -> Iterator[Call]:
+        ds, cfg, plan = self.dataset, self.config, self.plan
+        if plan.gather:  # the split lives on the device: each call sends nothing but its step count
+            images, labels = self._device_split()
+            perm = jax.device_put(epoch_permutation(len(ds.y_train), seed=cfg.seed, epoch=epoch))
+            for _, n in self._chunks(epoch, done):
+                ticks = self._ticks(n)
+                yield Call(n, lambda state, t=ticks: plan.train_steps(state, images, labels, perm, t))
+            return
+        place = done - epoch * self.steps_per_epoch
+        batches = device_batches(ds.x_train, ds.y_train, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                 put=plan.put_batch if plan.train_steps is None else _host, skip=place)
+        for _, n in self._chunks(epoch, done):
+            if plan.train_steps is None:
+                batch = next(batches)
+                yield Call(n, lambda state, b=batch: plan.train_step(state, b), stacked=False)
+            else:  # K host batches stacked into one transfer, scanned on the device
+                stacked = jax.device_put(_stack([next(batches) for _ in range(n)]))
+                yield Call(n, lambda state, b=stacked: plan.train_steps(state, b))
+
+    def compile_seconds(self) -> float:
+        """Time the run's training executables spent compiling so far (traced mode; 0 in eager)."""
+        return sum(s.compile_time_s for s in (self.plan.train_step, self.plan.train_steps)
+                   if isinstance(s, traced.TracedStep))
+
+    def _device_split(self):
+        if self._split is None:
+            self._split = jax.device_put((self.dataset.x_train, self.dataset.y_train))
+        return self._split
+
+    def _ticks(self, n: int):
+        if n not in self._tick_arrays:
+            self._tick_arrays[n] = jax.device_put(np.zeros(n, np.int32))
+        return self._tick_arrays[n]
 
     def evaluate(self, state) -> dict[str, float]:
         plan = self.plan
@@ -123,9 +209,15 @@ def prepare(config: Config) -> Run:
     tx = make_optimizer(config.optimizer, config.lr, momentum=config.momentum,
                         weight_decay=config.weight_decay_value, schedule=config.schedule,
                         warmup_steps=config.warmup_steps, total_steps=total)
+    # Traced on one device, the training split goes on the device when it fits: each call then
+    # sends the device nothing, and K steps per call gather their batches there.
+    on_device = (config.mode == "traced" and config.strategy == "none" and jax.process_count() == 1
+                 and fits_on_device(dataset.x_train.nbytes + dataset.y_train.nbytes))
     try:
         plan = parallel.plan(config.mode, model, tx, strategy=config.strategy, devices=config.devices,
-                             precision=config.precision)
+                             precision=config.precision, eager_update=config.eager_update,
+                             steps_per_call=config.steps_per_call, unroll=config.unroll,
+                             gather=(config.batch_size, per_epoch) if on_device else None)
         parallel.check_batch_size(config.batch_size, plan.num_devices)
     except parallel.ParallelError as err:
         raise ConfigError(str(err)) from None
@@ -255,6 +347,8 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
     anything, ``TrainingDiverged`` on a non-finite loss.
     """
     run = prepare(config)
+    if config.mode == "traced" and config.eager_update != "ops":
+        raise ConfigError(f"--eager-update {config.eager_update} changes eager mode only: add --mode eager, or drop it")
     check_outputs(config, run.run_dir)
     lead = jax.process_index() == 0  # only process 0 reports and writes
     checkpoints = CheckpointPolicy(run.run_dir / "checkpoints", every=config.checkpoint_every, keep=config.keep)
@@ -267,28 +361,32 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
         (run.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if start:
             print(f"graphduo: resuming {run.run_dir} from the checkpoint at step {start}", file=sys.stderr)
+        for line in call_notes(run):
+            print(f"graphduo: {line}", file=sys.stderr)
 
     report = Progress(run, start=start, enabled=progress and lead, write=lead, log_every=log_every)
-    clock = TrainClock()  # steady-state training time: after the first step, evaluation left out
+    clock = TrainClock()  # steady-state training time: after the first call, evaluation left out
     pending = MetricsBuffer(report.train, on_bad_loss=lambda step, loss: TrainingDiverged(
         f"loss became {loss} at step {step}: lower --lr (now {config.lr:g}), add --schedule warmup-cosine "
         f"--warmup-steps 100, or check the inputs for NaN/Inf"))
-    first_step_s, step, evals = 0.0, start, []
+    first_call_s, first_call_steps, step, evals = 0.0, 0, start, []
     profiler = jax.profiler.trace(config.profile, create_perfetto_trace=True) if config.profile else contextlib.nullcontext()
     with checkpoints, report, profiler:
-        for epoch, batches in run.epoch_batches(start):
+        for epoch, calls in run.epoch_calls(start):
             if step > start:
                 clock.start()  # again after the previous epoch's evaluation
-            for batch in itertools.islice(batches, run.total_steps - step):
-                t0 = time.perf_counter()
-                state, metrics = run.plan.train_step(state, batch)
-                step += 1
-                if step == start + 1:  # the first step (it compiles in traced mode) is timed apart
+            for call in calls:
+                t0, compiled_s = time.perf_counter(), run.compile_seconds()
+                state, metrics = call(state)
+                step += call.n
+                if not first_call_steps:  # the first call (it compiles in traced mode) is timed apart
                     jax.block_until_ready(state)
-                    first_step_s = time.perf_counter() - t0
+                    first_call_s, first_call_steps = time.perf_counter() - t0, call.n
                     clock.start()
-                pending.add(step, metrics)
-                checkpoints.after_step(step, state, before_saving=pending.flush)
+                else:  # a later compile (an epoch's shorter last call) is not training time either
+                    clock.discount(run.compile_seconds() - compiled_s)
+                pending.add(step, metrics, call.n, stacked=call.stacked)
+                checkpoints.after_call(step - call.n, step, state, before_saving=pending.flush)
             pending.flush()
             jax.block_until_ready(state)
             clock.stop()
@@ -297,7 +395,7 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
     if not evals:  # nothing was left to train: evaluate once
         evals.append(report.evaluation(None, step, run.evaluate(state)))
     summary = summarize(run, start=start, steps=step, last=pending.last, evaluation=evals[-1],
-                        first_step_s=first_step_s, train_time_s=clock.seconds())
+                        first_call_s=first_call_s, first_call_steps=first_call_steps, train_time_s=clock.seconds())
     params = run.plan.host_params(state)
     save_params(params, run.run_dir / PARAMS_FILE, write=lead)  # what `graphduo export` exports
     if config.params_out:
@@ -305,6 +403,22 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
     if lead:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def call_notes(run: Run) -> list[str]:
+    """One line each for what ``--steps-per-call`` changes in this run that the user should know."""
+    k, cfg, notes = run.steps_per_call, run.config, []
+    if cfg.mode == "traced" and cfg.strategy == "none" and not run.plan.gather:
+        size = (run.dataset.x_train.nbytes + run.dataset.y_train.nbytes) / 2**20
+        notes.append(f"the training split ({size:,.0f} MiB) is too large to keep on the device: batches stream from "
+                     f"the host" + (f", {k} stacked per call" if k > 1 else ""))
+    if k > 1 and run.steps_per_epoch % k:
+        notes.append(f"an epoch is {run.steps_per_epoch} steps, not a multiple of --steps-per-call {k}: each epoch "
+                     f"ends with a call of {run.steps_per_epoch % k} steps (compiled once more)")
+    if k > 1 and cfg.checkpoint_every and (cfg.checkpoint_every % k or run.steps_per_epoch % k):
+        notes.append(f"checkpoints are saved between calls of up to {k} steps: each at the end of the call that "
+                     f"reaches or passes a multiple of --checkpoint-every {cfg.checkpoint_every}")
+    return notes
 
 
 def _already_finished(run: Run, state, step: int, summary: dict[str, Any], lead: bool) -> dict[str, Any]:
@@ -321,11 +435,11 @@ def _already_finished(run: Run, state, step: int, summary: dict[str, Any], lead:
 
 
 def summarize(run: Run, *, start: int, steps: int, last: dict[str, float], evaluation: dict[str, Any],
-              first_step_s: float, train_time_s: float) -> dict[str, Any]:
+              first_call_s: float, first_call_steps: int, train_time_s: float) -> dict[str, Any]:
     """The run's summary: what ran, how it ended, and how fast (steady state: every step after
-    this process's first, evaluation excluded)."""
+    this process's first call, evaluation excluded)."""
     config, plan = run.config, run.plan
-    steady_steps = steps - start - 1
+    steady_steps = steps - start - first_call_steps
     step_time_ms = train_time_s / steady_steps * 1e3 if steady_steps > 0 else float("nan")
     return {
         "model": config.model,
@@ -349,12 +463,17 @@ def summarize(run: Run, *, start: int, steps: int, last: dict[str, float], evalu
         "final_accuracy": last.get("accuracy", float("nan")),
         "test_loss": evaluation["test_loss"],
         "test_accuracy": evaluation["test_accuracy"],
-        "first_step_s": first_step_s,
+        "first_step_s": first_call_s,  # the first call: its compile and its steps
+        "first_call_steps": first_call_steps,
+        "steps_per_call": run.steps_per_call,
+        "unroll": config.unroll,
+        "device_split": run.plan.gather,
+        "eager_update": config.eager_update if config.mode == "eager" else None,
         "step_time_ms": step_time_ms,
         "samples_per_s": config.batch_size / (step_time_ms / 1e3),
-        "compile_time_s": sum(s.compile_time_s for s in (plan.train_step, plan.eval_step)
+        "compile_time_s": sum(s.compile_time_s for s in (plan.train_step, plan.train_steps, plan.eval_step)
                               if isinstance(s, traced.TracedStep)),
-        "compiles": len(plan.train_step.compiles),
+        "compiles": len(plan.train_step.compiles) + (len(plan.train_steps.compiles) if plan.train_steps else 0),
         "eval_compiles": len(plan.eval_step.compiles),
         "run_dir": str(run.run_dir),
     }
@@ -380,6 +499,10 @@ class TrainClock:
     def seconds(self) -> float:
         return self._total + (self._now() - self._since if self._since is not None else 0.0)
 
+    def discount(self, seconds: float) -> None:
+        """Leave out ``seconds`` spent inside a counted stretch (a compile in the middle of training)."""
+        self._total -= seconds
+
 
 class MetricsBuffer:
     """Step metrics held on the device and read back in groups of ``every`` steps.
@@ -394,27 +517,35 @@ class MetricsBuffer:
         self._on_group = on_group
         self._on_bad_loss = on_bad_loss
         self.every = every
-        self._pending: list[tuple[int, Any]] = []
+        self._pending: list[tuple[int, Any, int, bool]] = []
+        self._steps = 0
         self.last: dict[str, float] = {}
 
-    def add(self, step: int, metrics) -> None:
-        self._pending.append((step, metrics))
-        if len(self._pending) >= self.every:
+    def add(self, step: int, metrics, count: int = 1, *, stacked: bool = False) -> None:
+        """The metrics of the ``count`` steps that end at ``step``: with ``stacked``, one value per
+        step along a leading axis (a multi-step call), else one step's."""
+        self._pending.append((step, metrics, count, stacked))
+        self._steps += count
+        if self._steps >= self.every:
             self.flush()
 
     def flush(self) -> None:
         if not self._pending:
             return
-        fetched = jax.device_get([m for _, m in self._pending])
-        steps = [s for s, _ in self._pending]
+        fetched = jax.device_get([m for _, m, _, _ in self._pending])
+        entries = [(s, n, stacked) for s, _, n, stacked in self._pending]
         self._pending.clear()
+        self._steps = 0
         group = []
-        for step, metrics in zip(steps, fetched):
-            # np.ravel: pmap returns one (identical, averaged) value per device.
-            values = {k: float(np.ravel(v)[0]) for k, v in metrics.items()}
-            if not math.isfinite(values["loss"]):
-                raise self._on_bad_loss(step, values["loss"])
-            group.append((step, values))
+        for (last, n, stacked), metrics in zip(entries, fetched):
+            # np.ravel: pmap returns one (identical, averaged) value per device; a stacked call one per step.
+            flat = {k: np.ravel(v) for k, v in metrics.items()}
+            for i in range(n):
+                values = {k: float(v[i if stacked else 0]) for k, v in flat.items()}
+                step = last - n + 1 + i
+                if not math.isfinite(values["loss"]):
+                    raise self._on_bad_loss(step, values["loss"])
+                group.append((step, values))
         self.last = group[-1][1]
         self._on_group(group)
 
@@ -568,10 +699,11 @@ class CheckpointPolicy:
             self.checkpointer.save(step, state)
             self.saved_at = step
 
-    def after_step(self, step: int, state, *, before_saving: Callable[[], None]) -> None:
-        """Save if ``step`` is due, or stop if a signal came; ``before_saving`` runs first (the
+    def after_call(self, before: int, step: int, state, *, before_saving: Callable[[], None]) -> None:
+        """After a call that took the run from step ``before`` to ``step``: save if it reached or
+        passed a multiple of ``every``, or stop if a signal came; ``before_saving`` runs first (the
         metrics check: a state whose loss is already NaN must never be saved)."""
-        if self.every and step % self.every == 0:
+        if self.every and step // self.every > before // self.every:
             before_saving()
             self.save(step, state)
         if self.stop.agreed(step):
