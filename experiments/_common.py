@@ -42,7 +42,8 @@ from graphduo import runtime
 INPUT_SHAPE = (28, 28, 1)  # the experiments' images: MNIST's shape, synthetic values
 NUM_CLASSES = 10
 LR = 1e-3  # Adam's learning rate in every timed step
-MODELS = ("mlp", "cnn")  # the models every script knows how to build
+MODELS = ("mlp", "cnn")  # the models every script knows how to build (and to copy into PyTorch)
+ALL_MODELS = ("mlp", "cnn", "resnet", "rnn", "vit")  # graphduo's built-ins, for the scripts that take any
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
@@ -160,13 +161,18 @@ def positive_floats(text: str) -> list[float]:
     return _items(text, positive_float, "positive numbers", distinct=True)
 
 
-def models(text: str) -> list[str]:
-    """``type=`` for a comma list of distinct model names out of ``MODELS``."""
+def models(text: str, choices: Sequence[str] = MODELS) -> list[str]:
+    """``type=`` for a comma list of distinct model names out of ``choices`` (``MODELS``)."""
     names = _items(text, str, "model names", distinct=True)
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in choices]
     if unknown:
-        _fail(f"unknown model {unknown[0]!r}: choose from {', '.join(MODELS)}")
+        _fail(f"unknown model {unknown[0]!r}: choose from {', '.join(choices)}")
     return names
+
+
+def any_models(text: str) -> list[str]:
+    """``type=`` for a comma list of graphduo's built-in models (``ALL_MODELS``)."""
+    return models(text, ALL_MODELS)
 
 
 def writable_folder(path: str | os.PathLike, what: str = "--out") -> pathlib.Path:

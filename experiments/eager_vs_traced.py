@@ -1,11 +1,15 @@
 """Eager against traced: one training step's time across batch sizes, and where dispatch stops mattering.
 
-What it measures, for the MLP (784-512-512-10) and the CNN (conv32-pool-conv64-pool-dense128) on
-28x28x1 inputs, 10 classes, optax Adam (lr 1e-3, ``graphduo.step.make_optimizer("adam", 1e-3)``),
-at batch sizes 1, 2, 4, ..., 1024, in both modes:
+What it measures, for graphduo's five built-in models (the MLP 784-512-512-10, the CNN
+conv32-pool-conv64-pool-dense128, a small ResNet with BatchNorm, a GRU reading the image row by row,
+a small ViT with dropout; ``graphduo.models``) on 28x28x1 inputs, 10 classes, optax Adam (lr 1e-3,
+``graphduo.step.make_optimizer("adam", 1e-3)``), at batch sizes 1, 2, 4, ..., 1024, in both modes:
 
-* eager:  ``EagerStep(make_train_step(model.apply, tx))``: op by op, one dispatch per op;
-* traced: ``TracedStep(make_train_step(model.apply, tx), donate_argnums=0)``: one XLA executable.
+* eager:  ``EagerStep(make_train_step(model, tx))``: op by op, one dispatch per op;
+* traced: ``TracedStep(make_train_step(model, tx), donate_argnums=0)``: one XLA executable.
+
+and the RNN across sequence lengths (images of 7 to 112 rows): eager's Python loop over the rows
+against the traced loop, unrolled or a ``lax.scan``: compile time and step time.
 
 Per model, batch and mode: median step time with p10-p90 and samples/s (``graphduo.timing.time_steps``:
 first step apart, every step blocked on, median and percentiles); the first step (eager: per-primitive
@@ -66,13 +70,13 @@ PER_SAMPLE_GAIN = 0.9  # traced per-sample time "still falling" while t(2b)/2b <
 
 
 def make_step(mode: str, model, tx):
-    fn = make_train_step(model.apply, tx)
+    fn = make_train_step(model, tx)
     return EagerStep(fn) if mode == "eager" else TracedStep(fn, donate_argnums=0)
 
 
-def time_case(model, tx, mode: str, batch_size: int, args) -> dict[str, Any]:
+def time_case(model, tx, mode: str, batch_size: int, args, input_shape=INPUT_SHAPE) -> dict[str, Any]:
     """Time one (model, mode, batch) case: a probe run for the step count, then the measurement."""
-    batch = _common.make_batch(batch_size)
+    batch = _common.make_batch(batch_size, input_shape=input_shape)
     step = make_step(mode, model, tx)
     state = create_train_state(model, tx, jax.random.key(0))
     # Probe: the first step (compiles) and one steady step.
@@ -141,6 +145,51 @@ def analyse(rows: list[dict], peak_flops: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def bound_of(analysis_of_model: dict, batch_size: int) -> str:
+    """``dispatch-bound`` below the model's crossover batch (the eager step within ``DISPATCH_FACTOR``
+    of its batch-1 time), ``compute-bound`` from it on."""
+    cross = analysis_of_model["dispatch_bound_until"]
+    return "dispatch-bound" if cross is None or batch_size < cross else "compute-bound"
+
+
+def rnn_lengths(tx, args) -> list[dict[str, Any]]:
+    """The RNN over images of ``L`` rows (sequence length ``L``, 28 pixels a row) at batch 32: eager
+    (a Python loop over the rows, op by op) and traced, its loop unrolled or a ``lax.scan``: the
+    first traced step (trace, lower, compile) and the steady-state step."""
+    out = []
+    for length in args.rnn_lengths:
+        shape = (length, INPUT_SHAPE[1], INPUT_SHAPE[2])
+        for loop in ("unrolled", "scan"):
+            model = build_model("rnn", shape, NUM_CLASSES, loop=loop)
+            modes = ("eager", "traced") if loop == "unrolled" else ("traced",)
+            for mode in modes:
+                row = time_case(model, tx, mode, args.rnn_batch, args, input_shape=shape)
+                row.update(length=length, loop=loop)
+                out.append(row)
+                print(f" rnn L={length:<4} {loop:<8} {mode:<6} {row['step_time_ms']:9.2f} ms, first step "
+                      f"{row['first_step_s']:.2f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def rnn_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lengths = sorted({r["length"] for r in rows})
+    get = {(r["length"], r["loop"], r["mode"]): r for r in rows}
+    lines = ["## The RNN across sequence lengths: unrolled against scan", "",
+             f"The RNN (GRU, 128 units) over images of L rows (the sequence) of 28 pixels, batch {rows[0]['batch_size']}: "
+             "eager runs the cell in a Python loop, one op at a time per row; traced compiles the same loop either "
+             "unrolled (one copy of the cell per row) or as a `lax.scan` (the cell compiled once). First step: "
+             "trace + lower + compile + the step (traced), the first dispatches (eager).", "",
+             "| L | eager ms | unrolled: first step s | unrolled ms | scan: first step s | scan ms | eager / scan |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for length in lengths:
+        e, u, c = get[(length, "unrolled", "eager")], get[(length, "unrolled", "traced")], get[(length, "scan", "traced")]
+        lines.append(f"| {length} | {e['step_time_ms']:.2f} | {u['first_step_s']:.2f} | {u['step_time_ms']:.2f} | "
+                     f"{c['first_step_s']:.2f} | {c['step_time_ms']:.2f} | {e['step_time_ms'] / c['step_time_ms']:.1f}x |")
+    return lines + [""]
+
+
 def fmt_rate(x: float) -> str:
     return f"{x / 1e9:.2f}G" if x >= 1e8 else f"{x / 1e6:.1f}M"
 
@@ -149,15 +198,17 @@ def markdown_tables(rows: list[dict], analysis: dict) -> list[str]:
     lines = []
     for model_name, a in analysis.items():
         lines += [f"### {model_name}", "",
-                  "| batch | mode | median ms | p10-p90 ms | samples/s | first step s | GFLOP/step | achieved FLOP/s | of peak |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| batch | mode | median ms | p10-p90 ms | samples/s | first step s | GFLOP/step | achieved FLOP/s | of peak "
+                  "| eager step is |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in sorted((r for r in rows if r["model"] == model_name), key=lambda r: (r["batch_size"], r["mode"])):
             flops = next((p["flops_per_step"] for p in a["per_batch"] if p["batch_size"] == r["batch_size"]), float("nan"))
+            bound = "" if r["mode"] != "eager" else bound_of(a, r["batch_size"])
             lines.append(
                 f"| {r['batch_size']} | {r['mode']} | {r['step_time_ms']:.2f} | "
                 f"{r['step_time_p10_ms']:.2f}-{r['step_time_p90_ms']:.2f} | {r['samples_per_s']:,.0f} | "
                 f"{r['first_step_s']:.2f} | {flops / 1e9:.4f} | {fmt_rate(r.get('achieved_flops_per_s', float('nan')))} | "
-                f"{100 * r.get('peak_fraction', float('nan')):.2f}% |")
+                f"{100 * r.get('peak_fraction', float('nan')):.2f}% | {bound} |")
         lines += ["", "| batch | speedup eager/traced (median) | (p10) | timed steps eager / traced |", "|---:|---:|---:|---|"]
         for p in a["per_batch"]:
             steps = "/".join(str(r["timed_steps"]) for m in MODES for r in rows
@@ -194,7 +245,7 @@ def reading(analysis: dict) -> list[str]:
     return paras
 
 
-def write_summary(out: pathlib.Path, rows, analysis, env, command: str, wall_s: float, args) -> None:
+def write_summary(out: pathlib.Path, rows, analysis, env, command: str, wall_s: float, args, rnn_rows=None) -> None:
     text = [
         "# eager_vs_traced: one training step, op by op against compiled, across batch sizes",
         "",
@@ -205,8 +256,9 @@ def write_summary(out: pathlib.Path, rows, analysis, env, command: str, wall_s: 
         f"{env['matmul_peak_flops_start'] / 1e9:.1f} GFLOP/s at the start, {env['matmul_peak_flops_end'] / 1e9:.1f} at the "
         f"end; fractions below are against the larger, {env['matmul_peak_flops'] / 1e9:.1f} GFLOP/s.",
         "",
-        "Models: MLP 784-512-512-10 and CNN conv32-pool-conv64-pool-dense128, Adam lr 1e-3, 28x28x1 inputs. "
-        "eager = `EagerStep(make_train_step(model.apply, tx))`, traced = `TracedStep(..., donate_argnums=0)`.",
+        "Models: graphduo's built-ins (`graphduo.models`, their default options), Adam lr 1e-3, 28x28x1 inputs. "
+        "eager = `EagerStep(make_train_step(model, tx))`, traced = `TracedStep(..., donate_argnums=0)`. The last "
+        "column says whether the eager step is still dispatch-bound at that batch (the rule below).",
         "",
         "median ms, p10-p90: over the timed steady-state steps (`graphduo.timing.time_steps`, every step blocked "
         "on); first step s: the first call (eager: one compile per primitive and shape; traced: trace + lower + "
@@ -224,6 +276,7 @@ def write_summary(out: pathlib.Path, rows, analysis, env, command: str, wall_s: 
         f"per-sample p10 time by less than {100 * (1 - PER_SAMPLE_GAIN):.0f}% (t(2b)/2b > {PER_SAMPLE_GAIN} t(b)/b).",
         "",
         *markdown_tables(rows, analysis),
+        *rnn_table(rnn_rows or []),
         "## Reading",
         "",
         *(p + "\n" for p in reading(analysis)),
@@ -294,8 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="smoke test: MLP only, batch 1, 8, 64, short measurements")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, metavar="DIR",
                         help=_common.out_help("results.json, SUMMARY.md and the plots", DEFAULT_OUT))
-    parser.add_argument("--models", type=_common.models, default=None,
-                        help=f"comma-separated models, of {', '.join(_common.MODELS)} (default mlp,cnn; --quick: mlp)")
+    parser.add_argument("--models", type=_common.any_models, default=None,
+                        help=f"comma-separated models, of {', '.join(_common.ALL_MODELS)} (default all; --quick: mlp)")
+    parser.add_argument("--rnn-lengths", type=_common.batch_sizes, default=None,
+                        help="sequence lengths of the RNN study, rows of 28 pixels (default 7,14,28,56,112; --quick: 7)")
+    parser.add_argument("--rnn-batch", type=_common.positive_int, default=32,
+                        help="batch size of the RNN study (default 32)")
     parser.add_argument("--batch-sizes", type=_common.batch_sizes, default=None,
                         help="comma-separated batch sizes (default 1,2,4,...,1024; --quick: 1,8,64)")
     parser.add_argument("--replot", action="store_true",
@@ -313,7 +370,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     quick = args.quick
-    args.models = args.models or (["mlp"] if quick else list(_common.MODELS))
+    args.models = args.models or (["mlp"] if quick else list(_common.ALL_MODELS))
+    args.rnn_lengths = args.rnn_lengths or ([7] if quick else [7, 14, 28, 56, 112])
     args.batch_sizes = args.batch_sizes or ([1, 8, 64] if quick else [2**i for i in range(11)])
     args.budget = args.budget or (0.15 if quick else 0.6)
     args.min_steps = args.min_steps or 3
@@ -332,7 +390,8 @@ def replot(out: pathlib.Path) -> None:
     analysis = analyse(rows, env["matmul_peak_flops"])
     payload["analysis"] = analysis
     _common.write_results(out, payload)
-    write_summary(out, rows, analysis, env, payload["command"], payload["wall_s"], argparse.Namespace(**payload["settings"]))
+    write_summary(out, rows, analysis, env, payload["command"], payload["wall_s"], argparse.Namespace(**payload["settings"]),
+                  payload.get("rnn_lengths"))
     write_plots(out, rows, analysis)
     print("\n".join(markdown_tables(rows, analysis)))
 
@@ -361,6 +420,7 @@ def main(argv=None) -> None:
                 print(f"{model_name:>4} b{batch_size:<5} {mode:<6} {row['step_time_ms']:9.2f} ms "
                       f"(p10 {row['step_time_p10_ms']:.2f}, p90 {row['step_time_p90_ms']:.2f}, "
                       f"{row['timed_steps']} steps; first {row['first_step_s']:.2f} s)", file=sys.stderr, flush=True)
+    rnn_rows = rnn_lengths(tx, args)
     env["matmul_peak_flops_end"] = _common.matmul_peak_flops(args.matmul_n, repeats=5 if args.quick else 10)
     env["matmul_peak_flops"] = max(env["matmul_peak_flops_start"], env["matmul_peak_flops_end"])
     analysis = analyse(rows, env["matmul_peak_flops"])
@@ -368,9 +428,9 @@ def main(argv=None) -> None:
 
     payload = {"command": command, "wall_s": wall_s, "environment": env,
                "rules": {"dispatch_factor": DISPATCH_FACTOR, "per_sample_gain": PER_SAMPLE_GAIN},
-               "settings": _common.settings_record(args), "rows": rows, "analysis": analysis}
+               "settings": _common.settings_record(args), "rows": rows, "analysis": analysis, "rnn_lengths": rnn_rows}
     _common.write_results(args.out, payload)
-    write_summary(args.out, rows, analysis, env, command, wall_s, args)
+    write_summary(args.out, rows, analysis, env, command, wall_s, args, rnn_rows)
     plots = write_plots(args.out, rows, analysis)
     print("\n".join(markdown_tables(rows, analysis)))
     print(f"wall time {wall_s:.0f} s; wrote {args.out}/results.json, SUMMARY.md" + "".join(f", {p}" for p in plots),

@@ -130,7 +130,7 @@ BAD = {
     "compile_cost": (["--max-batch", "96"], "power of two, got 96"),
     "data_parallel": (["--batch-size", "255"], "255 is not divisible by N=[2]"),
     "dynamic_control_flow": (None, "afile"),  # --out is a file
-    "eager_vs_traced": (["--models", "resnet"], "unknown model 'resnet'"),
+    "eager_vs_traced": (["--models", "transformer"], "unknown model 'transformer'"),
     "memory": (["--batch-sizes", "-1"], "'-1'"),
     "mlp_step": (["--omp-wait-policy", "lazy"], "invalid choice: 'lazy'"),
     "peers": (["--rounds", "0"], "got '0'"),

@@ -143,8 +143,8 @@ def test_param_count_of_default_models():
 
 
 def test_unknown_model_names_choices():
-    with pytest.raises(ValueError, match="unknown model 'resnet': choose one of mlp, cnn"):
-        build_model("resnet", (8, 8, 1), 10)
+    with pytest.raises(ValueError, match="unknown model 'transformer': choose one of mlp, cnn, resnet, rnn, vit"):
+        build_model("transformer", (8, 8, 1), 10)
 
 
 def _numpy_mlp_loss(params, x, y):

@@ -14,6 +14,17 @@ def test_library_example_runs_as_written(capsys):
     assert "compiled 1 time(s)" in out
 
 
+def test_own_model_example_runs_as_written(capsys):
+    """The second library example, a user's linen module with BatchNorm and dropout, run after the first."""
+    section = README.split("## As a library", 1)[1].split("\n## ", 1)[0]
+    first, second = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+    namespace = {}
+    exec(compile(first, "README.md", "exec"), namespace)
+    capsys.readouterr()
+    exec(compile(second, "README.md", "exec"), namespace)
+    assert "model state: ['batch_stats']" in capsys.readouterr().out
+
+
 def test_ci_runs_the_readme_test_commands():
     commands = re.findall(r"```bash\n(.*?)\n```", README, re.S)
     install_and_run, install_and_test = commands[0], commands[1]

@@ -15,7 +15,7 @@ Library use::
 from graphduo.config import Config, ConfigError
 from graphduo.data import DATASETS, Dataset, DataError, epoch_batches, load_dataset
 from graphduo.eager import EagerStep
-from graphduo.models import MODELS, Model, build_model
+from graphduo.models import MODELS, Model, ModelError, build_model
 from graphduo.step import (OPTIMIZERS, TrainState, create_train_state, make_eval_step, make_optimizer,
                            make_train_step)
 from graphduo.traced import TracedStep, TracingError
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Config", "ConfigError", "DATASETS", "Dataset", "DataError", "EagerStep", "MODELS", "Model",
-    "OPTIMIZERS", "TracedStep", "TracingError", "TrainState", "TrainingDiverged", "build_model",
+    "ModelError", "OPTIMIZERS", "TracedStep", "TracingError", "TrainState", "TrainingDiverged", "build_model",
     "create_train_state", "epoch_batches", "evaluate", "load_dataset", "make_eval_step",
     "make_optimizer", "make_train_step", "train_and_evaluate", "wrap_steps",
 ]

@@ -32,14 +32,20 @@ class CheckpointError(RuntimeError):
     """No checkpoint in the run directory can be restored. ``str(err)`` is one line."""
 
 
+def is_key(x) -> bool:
+    """A typed PRNG key (``jax.random.key``), which orbax cannot store as it is."""
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def _saveable(state):
-    """Typed PRNG keys are not plain arrays: store their raw bits, rebuild them on restore."""
-    return state._replace(rng=jax.random.key_data(state.rng))
+    """Typed PRNG keys (the run's, an NNX module's streams) are not plain arrays: store their raw
+    bits, rebuild them on restore."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, state)
 
 
 def _restored(saved, template):
-    impl = jax.random.key_impl(template.rng)
-    return saved._replace(rng=jax.random.wrap_key_data(saved.rng, impl=impl))
+    return jax.tree.map(lambda s, t: jax.random.wrap_key_data(s, impl=jax.random.key_impl(t)) if is_key(t) else s,
+                        saved, template)
 
 
 class Checkpointer:

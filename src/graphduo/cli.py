@@ -16,6 +16,8 @@ from graphduo.config import Config, ConfigError
 from graphduo.data import DataError
 from graphduo.export import ExportError
 
+MODEL_FIELDS = ("mlp_features", "cnn_channels", "cnn_dense", "resnet_width", "resnet_stages", "rnn_cell", "rnn_hidden",
+                "rnn_loop", "vit_patch", "vit_dim", "vit_depth", "vit_heads")  # how each built-in model is built
 EXIT_USAGE = 2  # bad input: nothing was written
 EXIT_FAILED = 1  # the run started and failed (diverged, modes disagree)
 
@@ -27,6 +29,7 @@ graphduo trains the same Flax models in two paradigms and measures what compilin
 examples:
   graphduo compare                               # default CNN on digits, both modes, side by side
   graphduo compare --model mlp --batch-size 256 --json
+  graphduo compare --model examples/linen_model.py:make     # your own Flax module
   graphduo train --model mlp --mode eager --optimizer sgd --lr 0.05 --epochs 5
   graphduo train --dataset mnist --data-dir ~/data --download --steps 2000 --json
 """
@@ -112,9 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                "graphduo compare --dataset synthetic --synthetic-shape 32x32x3 --steps 50; "
                "graphduo compare --model mlp --eager-update fused --steps-per-call 16")
     compare_fields = ("model", "dataset", "optimizer", "lr", "batch_size", "steps", "seed",
-                      "data_dir", "download", "synthetic_shape", "synthetic_size",
-                      "mlp_features", "cnn_channels", "cnn_dense", "eager_update", "steps_per_call", "unroll",
-                      "cpu_convolutions", "host_memory")
+                      "data_dir", "download", "synthetic_shape", "synthetic_size", *MODEL_FIELDS,
+                      "eager_update", "steps_per_call", "unroll", "cpu_convolutions", "host_memory")
     add_config_arguments(compare, only=compare_fields, defaults={"steps": 200}, helps={
         "model": "model to compare", "steps": "steps to train in each mode",
         "eager_update": "the eager side's optimizer update: ops (op by op) or fused (one compiled op, as "
@@ -135,8 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                "graphduo inspect --model cnn --dataset synthetic --synthetic-shape 28x28x1 --svg step.svg; "
                "graphduo inspect --model mlp --steps-per-call 8")
     inspect_fields = ("model", "dataset", "optimizer", "lr", "batch_size", "seed", "data_dir", "synthetic_shape",
-                      "mlp_features", "cnn_channels", "cnn_dense", "steps_per_call", "unroll", "cpu_convolutions",
-                      "host_memory")
+                      *MODEL_FIELDS, "steps_per_call", "unroll", "cpu_convolutions", "host_memory")
     add_config_arguments(inspect, only=inspect_fields, helps={
         "model": "model whose training step to inspect", "lr": "the optimizer's learning rate in the step",
         "batch_size": "batch size of the inspected step",
@@ -409,7 +410,7 @@ def _export(args) -> int:
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()] if args.platforms else None
     run = export.load_run(args.run_dir, args.step)
     if args.what == "inference":
-        exported = export.export_inference(run.model, run.params, platforms=platforms)
+        exported = export.export_inference(run.model, run.params, run.model_state, platforms=platforms)
         size = export.save(exported, args.out)
     else:
         state = run.state if run.state is not None else _final_state(run)

@@ -9,6 +9,7 @@ from typing import Any
 from graphduo.data import DATASETS
 from graphduo.eager import EAGER_UPDATES
 from graphduo.models import MODELS
+from graphduo.zoo import RNN_CELLS, RNN_LOOPS
 from graphduo.parallel import PRECISIONS, STRATEGIES
 from graphduo.runtime import CPU_CONVOLUTIONS, DEFAULT_CPU_CONVOLUTIONS, DEFAULT_HOST_MEMORY, HOST_MEMORY
 from graphduo.step import OPTIMIZERS, SCHEDULES
@@ -41,7 +42,9 @@ def parse_ints(text: str, sep: str = ",") -> tuple[int, ...]:
 class Config:
     """A training run. Field names are the CLI flags (``batch_size`` -> ``--batch-size``)."""
 
-    model: str = _field("cnn", "model to train", choices=MODELS)
+    model: str = _field("cnn", f"model to train: a built-in one ({', '.join(MODELS)}) or your own Flax module, "
+                        "FILE.py:NAME or package.module:NAME, where NAME(num_classes) returns a flax.linen.Module or "
+                        "NAME(num_classes, rngs) a flax.nnx.Module", metavar="MODEL")
     mode: str = _field("traced", "eager: op by op (dynamic graph); traced: jax.jit + XLA (static graph)",
                        choices=MODES)
     dataset: str = _field("digits", "data set; digits ships with scikit-learn, the others are read from "
@@ -61,6 +64,17 @@ class Config:
     cnn_channels: tuple[int, ...] = _field((32, 64), "CNN convolution channels", metavar="C,C,...",
                                            parse=parse_ints)
     cnn_dense: int = _field(128, "width of the CNN's dense layer")
+    resnet_width: int = _field(16, "channels of the ResNet's first stage (doubling every stage)")
+    resnet_stages: tuple[int, ...] = _field((1, 1, 1), "residual blocks per ResNet stage", metavar="B,B,...",
+                                            parse=parse_ints)
+    rnn_cell: str = _field("gru", "the RNN's recurrent cell", choices=RNN_CELLS)
+    rnn_hidden: int = _field(128, "the RNN cell's hidden units")
+    rnn_loop: str = _field("unrolled", "the RNN's loop over image rows: unrolled (a Python loop: eager runs it op by op, "
+                           "traced unrolls it) or scan (lax.scan: the cell compiled once)", choices=RNN_LOOPS)
+    vit_patch: int = _field(4, "the ViT's patch side, in pixels")
+    vit_dim: int = _field(64, "the ViT's embedding width")
+    vit_depth: int = _field(2, "the ViT's transformer blocks")
+    vit_heads: int = _field(4, "the ViT's attention heads")
     data_dir: str | None = _field(None, "folder holding data set files (default $GRAPHDUO_DATA or "
                                   "~/.cache/graphduo)")
     download: bool = _field(False, "download missing data set files (needs a network)")
@@ -119,9 +133,15 @@ class Config:
         return self.distributed or self.coordinator is not None
 
     def model_options(self) -> dict[str, Any]:
-        if self.model == "mlp":
-            return {"features": self.mlp_features}
-        return {"channels": self.cnn_channels, "dense": self.cnn_dense}
+        """The options ``graphduo.models.build_model`` takes for ``model``."""
+        return {
+            "mlp": lambda: {"features": self.mlp_features},
+            "cnn": lambda: {"channels": self.cnn_channels, "dense": self.cnn_dense},
+            "resnet": lambda: {"width": self.resnet_width, "stages": self.resnet_stages},
+            "rnn": lambda: {"cell": self.rnn_cell, "hidden": self.rnn_hidden, "loop": self.rnn_loop},
+            "vit": lambda: {"patch": self.vit_patch, "dim": self.vit_dim, "depth": self.vit_depth,
+                            "heads": self.vit_heads},
+        }.get(self.model, lambda: {"seed": self.seed})()
 
     def validate(self) -> Config:
         """Raise ``ConfigError`` naming the first bad setting; return ``self`` when all are valid."""
@@ -132,7 +152,12 @@ class Config:
                 raise ConfigError(f"unknown {f.name} {value!r}: choose one of {', '.join(choices)}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        positive = {"batch_size": self.batch_size, "cnn_dense": self.cnn_dense,
+        if self.model not in MODELS and ":" not in self.model:
+            raise ConfigError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}, or give your own as "
+                              f"FILE.py:NAME")
+        positive = {"batch_size": self.batch_size, "cnn_dense": self.cnn_dense, "resnet_width": self.resnet_width,
+                    "rnn_hidden": self.rnn_hidden, "vit_patch": self.vit_patch, "vit_dim": self.vit_dim,
+                    "vit_depth": self.vit_depth, "vit_heads": self.vit_heads,
                     "synthetic_size": self.synthetic_size, "steps_per_call": self.steps_per_call,
                     "unroll": self.unroll}
         if self.epochs is not None:
@@ -144,7 +169,10 @@ class Config:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("give --epochs or --steps, not both")
-        for name in ("mlp_features", "cnn_channels", "synthetic_shape"):
+        if self.vit_dim % self.vit_heads:
+            raise ConfigError(f"--vit-dim {self.vit_dim} is not divisible by --vit-heads {self.vit_heads}: use a "
+                              f"multiple of {self.vit_heads}")
+        for name in ("mlp_features", "cnn_channels", "resnet_stages", "synthetic_shape"):
             if any(v <= 0 for v in getattr(self, name)):
                 raise ConfigError(f"--{name.replace('_', '-')} needs positive integers, got {getattr(self, name)}")
         if len(self.synthetic_shape) != 3:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from graphduo.checkpoint import is_key
 from graphduo.config import Config
 from graphduo.models import Model, build_model
 from graphduo.step import TrainState, create_train_state, make_optimizer, make_train_step
@@ -56,6 +57,7 @@ class TrainedRun:
     tx: Any
     state: TrainState | None  # from a checkpoint (``step``), else None
     params: Any  # the parameters to export: the checkpoint's, or the run's final ones
+    model_state: Any  # and the model state that goes with them ({} for a model that keeps none)
     step: int
 
 
@@ -75,7 +77,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
     """The model and parameters of ``run_dir`` (a ``graphduo train`` run directory): its final
     parameters, or with ``step`` those of its checkpoint of that step (with the whole train state).
     Loads no data: the input shape and class count come from the run's summary."""
-    from graphduo.train import PARAMS_FILE, load_params
+    from graphduo.train import MODEL_STATE_FILE, PARAMS_FILE, load_params
 
     run_dir = pathlib.Path(run_dir)
     if not run_dir.is_dir():
@@ -106,7 +108,15 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
         except (OSError, ValueError) as err:
             raise ExportError(f"{path} is unreadable ({err}): train again, or export a checkpoint with --step") from None
         params = _unflatten(flat, template.params, path)
-        return TrainedRun(run_dir, config, model, tx, None, params, int(summary["steps"]))
+        model_state = template.model_state
+        if jax.tree.leaves(model_state):
+            state_path = run_dir / MODEL_STATE_FILE
+            try:
+                model_state = _unflatten(load_params(state_path), model_state, state_path)
+            except (OSError, ValueError) as err:
+                raise ExportError(f"{state_path} is missing or unreadable ({err}): train again, or export a "
+                                  f"checkpoint with --step") from None
+        return TrainedRun(run_dir, config, model, tx, None, params, model_state, int(summary["steps"]))
     from graphduo.checkpoint import CheckpointError, Checkpointer
 
     folder = run_dir / "checkpoints"
@@ -120,17 +130,20 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
         raise ExportError(str(err)) from None
     finally:
         checkpointer.close()
-    return TrainedRun(run_dir, config, model, tx, state, state.params, step)
+    return TrainedRun(run_dir, config, model, tx, state, state.params, state.model_state, step)
 
 
 def _unflatten(flat: dict[str, np.ndarray], template, path: pathlib.Path):
+    """``template``'s tree with the arrays ``save_params`` wrote (typed keys rebuilt from their data)."""
     leaves = []
     for keys, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
-        name = "/".join(str(getattr(k, "key", k)) for k in keys)
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
         value = flat.get(name)
-        if value is None or value.shape != leaf.shape:
+        want = jax.random.key_data(leaf).shape if is_key(leaf) else leaf.shape
+        if value is None or value.shape != want:
             raise ExportError(f"{path} does not hold the parameters of this run's model ({name}): train again")
-        leaves.append(jnp.asarray(value, leaf.dtype))
+        leaves.append(jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf)) if is_key(leaf)
+                      else jnp.asarray(value, leaf.dtype))
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
@@ -143,15 +156,18 @@ def _platforms(platforms: Sequence[str] | None) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(platforms))
 
 
-def export_inference(model: Model, params, *, platforms: Sequence[str] | None = None) -> jax.export.Exported:
+def export_inference(model: Model, params, model_state=None, *,
+                     platforms: Sequence[str] | None = None) -> jax.export.Exported:
     """``logits = f(images)`` for images of shape ``(b, *model.input_shape)``, any ``b``, with
-    ``params`` baked in as constants."""
+    ``params`` and ``model_state`` (BatchNorm's running statistics) baked in as constants; the model
+    in evaluation mode."""
     (b,) = jax.export.symbolic_shape("b")
     spec = jax.ShapeDtypeStruct((b, *model.input_shape), jnp.float32)
     params = jax.tree.map(jnp.asarray, params)
+    model_state = {} if model_state is None else model_state
 
     def logits(images):
-        return model.apply(params, images)
+        return model.apply(params, images, model_state)
 
     return jax.export.export(jax.jit(logits), platforms=_platforms(platforms))(spec)
 
@@ -165,28 +181,27 @@ def state_layout(state: TrainState) -> list[dict[str, Any]]:
 
 
 def flatten_state(state: TrainState) -> list[jax.Array]:
-    """The state as the exported step takes it: ``jax.tree.leaves``, the RNG key as raw data."""
-    return jax.tree.leaves(state._replace(rng=jax.random.key_data(state.rng)))
+    """The state as the exported step takes it: ``jax.tree.leaves``, typed PRNG keys as raw data."""
+    return [jax.random.key_data(x) if is_key(x) else x for x in jax.tree.leaves(state)]
 
 
 def export_train_step(model: Model, tx, state: TrainState, *, batch_size: int | None = None,
                       platforms: Sequence[str] | None = None) -> jax.export.Exported:
     """The pure training step over plain arrays, ``(*state, images, labels) -> (*new_state, loss,
     accuracy)`` (see ``state_layout``), for batches of any size (or exactly ``batch_size``)."""
-    step = make_train_step(model.apply, tx)
-    impl = jax.random.key_impl(state.rng)
-    raw = state._replace(rng=jax.random.key_data(state.rng))
-    treedef = jax.tree.structure(raw)
-    n = treedef.num_leaves
+    step = make_train_step(model, tx)
+    leaves, treedef = jax.tree.flatten(state)
+    impls = [jax.random.key_impl(x) if is_key(x) else None for x in leaves]
+    n = len(leaves)
 
     def flat_step(*args):
-        s = jax.tree.unflatten(treedef, args[:n])
-        s = s._replace(rng=jax.random.wrap_key_data(s.rng, impl=impl))
+        s = jax.tree.unflatten(treedef, [a if impl is None else jax.random.wrap_key_data(a, impl=impl)
+                                         for a, impl in zip(args[:n], impls)])
         new, metrics = step(s, {"image": args[n], "label": args[n + 1]})
         return (*flatten_state(new), metrics["loss"], metrics["accuracy"])
 
     b = batch_size if batch_size is not None else jax.export.symbolic_shape("b")[0]
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.tree.leaves(raw)]
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in flatten_state(state)]
     specs += [jax.ShapeDtypeStruct((b, *model.input_shape), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32)]
     return jax.export.export(jax.jit(flat_step), platforms=_platforms(platforms))(*specs)
 

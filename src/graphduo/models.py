@@ -1,32 +1,41 @@
-"""The models: an MLP and a CNN, defined as Flax modules, applied as pure functions.
+"""The models: ``Model``, a pure function of (parameters, model state, inputs) that every part of
+graphduo trains, and the built-in ones (``MODELS``).
 
-Each model has two faces that compute the same function (``tests/test_models.py``):
+A ``Model`` comes from any Flax module (``Model.from_flax``: ``flax.linen`` or ``flax.nnx``), from a
+user's file (``load_model``: ``--model FILE.py:NAME``), or from the built-ins (``build_model``). Its
+``forward(params, model_state, images, train, rng) -> (logits, new_model_state)`` is pure: the
+model state (BatchNorm's running statistics, an NNX module's random streams) goes in and comes
+out, dropout draws from ``rng``, and nothing read from the process at trace time changes what it
+computes or how it compiles.
 
-* ``module``: a ``flax.linen`` module. It owns the definition: layer order, parameter
-  names and shapes, and initializers (``init``).
-* ``apply``: a pure ``jnp``/``lax`` function of that very parameter tree. The training step calls it.
-
-Why not ``module.apply`` in the step? Under ``jax.jit`` the two compile to the same program, but
-in eager mode (op by op) Flax's module machinery runs in Python on every call, on top of JAX's
-dispatch (``experiments/bench_core.py`` measures how much). graphduo's eager baseline pays JAX's
-dispatch and nothing of its own, so both paradigms share the lean ``apply``.
-
-A model is a pure function of (parameters, inputs): nothing read from the process at trace time
-changes what it computes or how it compiles. Every formulation here is plain JAX, the same on
-every backend; formulations tuned to one backend or one jaxlib live in ``experiments/``.
+The MLP and the CNN have a second face: a lean ``jnp``/``lax`` apply of the very parameter tree
+their Flax module initializes, which the step calls instead of ``module.apply``. Under ``jax.jit``
+the two compile to the same program, but in eager mode Flax's module machinery runs in Python on
+every call, on top of JAX's dispatch (``graphduo inspect`` says how much, for any model). The other
+built-ins (``graphduo.zoo``: ResNet, RNN, ViT) run through their modules, as a user's model does.
+Every formulation here is plain JAX, the same on every backend; formulations tuned to one backend
+or one jaxlib live in ``experiments/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import pathlib
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 Params = Any
+ModelState = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
+ForwardFn = Callable[[Params, ModelState, jax.Array, bool, "jax.Array | None"], tuple[jax.Array, ModelState]]
 
 
 class MLP(nn.Module):
@@ -233,46 +242,235 @@ def cnn_apply(params: Params, x: jax.Array) -> jax.Array:
     return dense(params["Dense_1"], x)
 
 
-class Model(NamedTuple):
-    """A model ready to train: its Flax definition, its pure ``apply`` and its input shape."""
+class ModelError(ValueError):
+    """A model cannot be built or loaded. ``str(err)`` is one line naming the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model ready to train: a pure ``forward`` and where its first parameters and state come from.
+
+    ``forward(params, model_state, images, train, rng) -> (logits, new_model_state)``: ``train``
+    picks the training behaviour (batch statistics, dropout), ``rng`` feeds dropout (``None`` in
+    evaluation). ``init_variables(rng) -> (params, model_state)``; ``model_state`` is ``{}`` for a
+    model that keeps none. ``options``: how the model was built, for the run's records.
+    """
 
     name: str
-    module: nn.Module
-    apply: ApplyFn
+    module: Any
     input_shape: tuple[int, ...]
+    forward: ForwardFn
+    init_variables: Callable[[jax.Array], tuple[Params, ModelState]]
+    options: dict = dataclasses.field(default_factory=dict)
 
     def init(self, rng: jax.Array) -> Params:
-        """Fresh parameters from Flax's initializers for one ``input_shape`` example."""
-        dummy = jnp.zeros((1, *self.input_shape), jnp.float32)
-        return self.module.init(rng, dummy)["params"]
+        """Fresh parameters for one ``input_shape`` example (``init_variables``' first half)."""
+        return self.init_variables(rng)[0]
+
+    def apply(self, params: Params, x: jax.Array, model_state: ModelState | None = None) -> jax.Array:
+        """Logits in evaluation mode: ``forward`` without its state update or randomness."""
+        return self.forward(params, {} if model_state is None else model_state, x, False, None)[0]
+
+    @classmethod
+    def from_flax(cls, module, input_shape: Sequence[int], num_classes: int, *, name: str | None = None) -> Model:
+        """Any Flax module as a ``Model``: a ``flax.linen.Module`` (whose ``__call__`` may take a
+        ``train`` keyword: graphduo passes ``True`` in the train step, ``False`` in evaluation), or an
+        ``flax.nnx.Module``, already built (its parameters are the ones it was built with; it is
+        switched with ``.train()`` / ``.eval()``). Checked on one example of ``input_shape``: it must
+        give logits of shape (1, ``num_classes``); ``ModelError`` (one line) if it cannot."""
+        shape = _checked_shape(input_shape)
+        label = name or type(module).__name__
+        if isinstance(module, nnx.Module):
+            model = _from_nnx(label, module, shape)
+        elif isinstance(module, nn.Module):
+            model = _from_linen(label, module, shape)
+        else:
+            what = f"{name} gave a {type(module).__name__}, which" if name else f"a {type(module).__name__}"
+            raise ModelError(f"{what} is not a Flax module: return a flax.linen.Module or a flax.nnx.Module")
+        _check_logits(model, num_classes)
+        return model
 
 
-_REGISTRY: dict[str, tuple[type[nn.Module], ApplyFn]] = {
-    "mlp": (MLP, mlp_apply),
-    "cnn": (CNN, cnn_apply),
-}
-MODELS = tuple(_REGISTRY)
+def _checked_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    if len(input_shape) != 3 or any(int(d) < 1 for d in input_shape):
+        raise ModelError(f"input shape must be (H, W, C) of positive sizes, got {tuple(input_shape)}")
+    return tuple(int(d) for d in input_shape)
+
+
+def _check_logits(model: Model, num_classes: int) -> None:
+    """Initialize and run ``model`` abstractly on one example (no arrays computed): it must work and
+    give (1, num_classes) logits, in training and evaluation mode alike."""
+    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+    try:
+        params, state = jax.eval_shape(model.init_variables, jax.random.key(0))
+        for train in (True, False):
+            logits, _ = jax.eval_shape(lambda p, s, v, t=train: model.forward(p, s, v, t, jax.random.key(0)),
+                                       params, state, x)
+    except Exception as err:  # a user's module can fail in any way: say which, in one line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelError(f"the model {model.name} fails on inputs of shape {(1, *model.input_shape)} "
+                         f"({type(err).__name__}: {reason}): make it accept the data set's images") from None
+    if logits.shape != (1, num_classes):
+        raise ModelError(f"the model {model.name} gives logits of shape {logits.shape} for one image, not "
+                         f"{(1, num_classes)}: its last layer must have the data set's {num_classes} classes")
+
+
+def _takes_train(module: nn.Module) -> bool:
+    try:
+        return "train" in inspect.signature(module.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _from_linen(name: str, module: nn.Module, input_shape: tuple[int, ...]) -> Model:
+    train_kw = _takes_train(module)
+
+    def init_variables(rng):
+        dummy = jnp.zeros((1, *input_shape), jnp.float32)
+        params_rng, dropout_rng = jax.random.split(rng)
+        variables = module.init({"params": params_rng, "dropout": dropout_rng}, dummy,
+                                **({"train": False} if train_kw else {}))
+        return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+    def forward(params, model_state, x, train, rng):
+        kwargs = {"train": train} if train_kw else {}
+        rngs = {"dropout": rng} if train and rng is not None else None
+        variables = {"params": params, **model_state}
+        if train and model_state:  # the collections the step may update (batch statistics)
+            logits, updates = module.apply(variables, x, rngs=rngs, mutable=list(model_state), **kwargs)
+            return logits, {**model_state, **updates}
+        return module.apply(variables, x, rngs=rngs, **kwargs), model_state
+
+    return Model(name, module, input_shape, forward, init_variables)
+
+
+def _fresh_copy(a: jax.Array) -> jax.Array:
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):  # typed keys copy through their data
+        return jax.random.wrap_key_data(jnp.copy(jax.random.key_data(a)), impl=jax.random.key_impl(a))
+    return jnp.copy(a)
+
+
+def _from_nnx(name: str, module: nnx.Module, input_shape: tuple[int, ...]) -> Model:
+    graphdef, params, state = nnx.split(module, nnx.Param, ...)
+
+    def init_variables(rng):
+        # An NNX module made its parameters when it was built. Fresh copies each time: a traced step
+        # donates its state's buffers, which would otherwise delete the module's own arrays.
+        return jax.tree.map(_fresh_copy, (params, state))
+
+    def forward(params, model_state, x, train, rng):
+        # Fresh Variables in this trace: NNX refuses to update a Variable made under another trace
+        # (one passed in from outside jax.grad), and a tree map rebuilds each one here.
+        params, model_state = jax.tree.map(lambda v: v, (params, model_state))
+        m = nnx.merge(graphdef, params, model_state)
+        m.train() if train else m.eval()
+        logits = m(x)
+        _, _, new_state = nnx.split(m, nnx.Param, ...)
+        return logits, new_state if train else model_state
+
+    return Model(name, module, input_shape, forward, init_variables)
+
+
+def _lean(name: str, module: nn.Module, apply: ApplyFn, input_shape: tuple[int, ...], options: dict) -> Model:
+    """A stateless built-in whose step calls ``apply`` (plain ``jnp``) on the module's parameters."""
+
+    def init_variables(rng):
+        return module.init(rng, jnp.zeros((1, *input_shape), jnp.float32))["params"], {}
+
+    def forward(params, model_state, x, train, rng):
+        return apply(params, x), model_state
+
+    return Model(name, module, input_shape, forward, init_variables, options)
+
+
+def _registry():
+    from graphduo import zoo
+
+    return {"mlp": MLP, "cnn": CNN, "resnet": zoo.ResNet, "rnn": zoo.RNNClassifier, "vit": zoo.ViT}
+
+
+MODELS = ("mlp", "cnn", "resnet", "rnn", "vit")
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **options) -> Model:
-    """Build a registered model (``MODELS``) for inputs of ``input_shape`` (H, W, C).
+    """Build a built-in model (``MODELS``) for inputs of ``input_shape`` (H, W, C), or a user's model
+    (``FILE.py:NAME`` or ``package.module:NAME``, see ``load_model``; ``options`` then may hold ``seed``
+    for an NNX model's ``nnx.Rngs``).
 
-    ``options`` go to the Flax module: ``features=(512, 512)`` for the MLP,
-    ``channels=(32, 64), dense=128`` for the CNN.
+    ``options`` go to the Flax module: ``features=(512, 512)`` for the MLP, ``channels=(32, 64),
+    dense=128`` for the CNN, ``width``, ``stages`` for the ResNet, ``cell``, ``hidden``, ``loop``
+    for the RNN, ``patch``, ``dim``, ``depth``, ``heads`` for the ViT.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
-    module_cls, apply = _REGISTRY[name]
-    if any(int(d) < 1 for d in input_shape) or len(input_shape) != 3:
-        raise ValueError(f"input shape must be (H, W, C) of positive sizes, got {tuple(input_shape)}")
+    if ":" in name:
+        return load_model(name, input_shape, num_classes, seed=options.get("seed", 0))
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}, or give FILE.py:NAME")
+    shape = _checked_shape(input_shape)
     if name == "cnn":
         min_side = 2 ** len(options.get("channels", CNN.channels))
-        if min(input_shape[:2]) < min_side:
-            raise ValueError(f"the CNN pools {len(options.get('channels', CNN.channels))} times and needs images "
-                             f"of at least {min_side}x{min_side}, got {input_shape[0]}x{input_shape[1]}: use "
+        if min(shape[:2]) < min_side:
+            raise ModelError(f"the CNN pools {len(options.get('channels', CNN.channels))} times and needs images "
+                             f"of at least {min_side}x{min_side}, got {shape[0]}x{shape[1]}: use "
                              f"--model mlp or fewer --cnn-channels")
-    module = module_cls(num_classes=num_classes, **options)
-    return Model(name, module, apply, tuple(int(d) for d in input_shape))
+    module = _registry()[name](num_classes=num_classes, **options)
+    if name in ("mlp", "cnn"):
+        return _lean(name, module, mlp_apply if name == "mlp" else cnn_apply, shape, options)
+    model = _from_linen(name, module, shape)
+    if hasattr(module, "check_input"):
+        module.check_input(shape)
+    return dataclasses.replace(model, options=options)
+
+
+def _takes_rngs(factory) -> bool:
+    """Whether ``factory`` is called as ``NAME(num_classes, rngs)`` (NNX) rather than ``NAME(num_classes)``:
+    it has a parameter named ``rngs``, or a second positional parameter without a default (a linen
+    module class's other fields all have defaults; keyword-only options never count)."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    return any(p.name == "rngs" for p in params) or len(required) >= 2
+
+
+def load_model(spec: str, input_shape: Sequence[int], num_classes: int, *, seed: int = 0) -> Model:
+    """A user's model from ``FILE.py:NAME`` or ``package.module:NAME``: ``NAME(num_classes)`` returns a
+    ``flax.linen.Module``, or ``NAME(num_classes, rngs)`` a ``flax.nnx.Module`` (``rngs`` is
+    ``nnx.Rngs(seed)``). ``ModelError`` (one line) for a missing file or name, something that is not
+    a Flax module, or a module that fails on ``input_shape``."""
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise ModelError(f"--model {spec!r}: give FILE.py:NAME or package.module:NAME")
+    if where.endswith(".py"):
+        path = pathlib.Path(where)
+        if not path.is_file():
+            raise ModelError(f"--model {spec}: no file {path}: give the path of a Python file")
+        module_name = f"graphduo_user_model_{abs(hash(str(path.resolve())))}"
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        source = importlib.util.module_from_spec(loader)
+        try:
+            loader.loader.exec_module(source)
+        except Exception as err:
+            raise ModelError(f"--model {spec}: {path} fails to import ({type(err).__name__}: "
+                             f"{(str(err).splitlines() or [''])[0][:160]})") from None
+    else:
+        try:
+            source = importlib.import_module(where)
+        except Exception as err:
+            raise ModelError(f"--model {spec}: cannot import {where} ({type(err).__name__}: "
+                             f"{(str(err).splitlines() or [''])[0][:160]})") from None
+    factory = getattr(source, attr, None)
+    if not callable(factory):
+        raise ModelError(f"--model {spec}: {where} has no function or class {attr}")
+    takes_rngs = _takes_rngs(factory)
+    try:
+        module = factory(num_classes, nnx.Rngs(seed)) if takes_rngs else factory(num_classes)
+    except Exception as err:
+        raise ModelError(f"--model {spec}: {attr}(num_classes{', rngs' if takes_rngs else ''}) failed "
+                         f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]})") from None
+    model = Model.from_flax(module, input_shape, num_classes, name=spec)
+    return dataclasses.replace(model, options={"seed": seed} if isinstance(module, nnx.Module) else {})
 
 
 def count_params(params: Params) -> int:

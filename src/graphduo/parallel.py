@@ -61,8 +61,15 @@ def data_mesh(num_devices: int | None = None) -> Mesh:
 
 
 def mean_over_devices(tree: Any) -> Any:
-    """The gradient collective of the explicit strategies: an all-reduce mean over ``DATA_AXIS``."""
-    return jax.lax.pmean(tree, DATA_AXIS)
+    """The collective of the explicit strategies: an all-reduce mean over ``DATA_AXIS`` of every
+    floating-point leaf (gradients, metrics, a model's running statistics); integer leaves and keys
+    (an NNX module's random-stream counters) are the same on every device and stay as they are."""
+    return jax.tree.map(lambda x: jax.lax.pmean(x, DATA_AXIS) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+
+def key_per_device(rng: jax.Array) -> jax.Array:
+    """Each device's own key for the step (its dropout masks differ from the others')."""
+    return jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
 
 
 @dataclasses.dataclass
@@ -70,8 +77,9 @@ class Plan:
     """How one run places its state and batches and which wrapped steps it calls.
 
     ``train_step(state, batch)`` takes what ``put_state`` and ``put_batch`` return,
-    ``eval_step(params, batch)`` what ``eval_params`` and ``put_eval_batch`` (``put_batch`` when
-    None) return; ``host_params`` brings parameters back as one NumPy tree. Under ``pmap`` the
+    ``eval_step(weights, batch)`` what ``eval_weights`` (the state's ``(params, model_state)``) and
+    ``put_eval_batch`` (``put_batch`` when None) return; ``host_params`` brings parameters back as one
+    NumPy tree. Under ``pmap`` the
     state and the step's metrics carry a leading device axis (the metrics are already averaged:
     every entry is the same), and evaluation takes the batch split over the devices as it comes.
 
@@ -87,7 +95,7 @@ class Plan:
     eval_step: Any
     put_state: Callable[[Any], Any]
     put_batch: Callable[[dict[str, np.ndarray]], Any]
-    eval_params: Callable[[Any], Any]
+    eval_weights: Callable[[Any], Any]
     put_eval_batch: Callable[[dict[str, np.ndarray]], Any] | None = None
     train_steps: Any = None
     gather: bool = False
@@ -98,7 +106,11 @@ class Plan:
 
     def host_params(self, state) -> Any:
         """Parameters as NumPy arrays on the host (one replica)."""
-        return jax.tree.map(np.asarray, jax.device_get(self.eval_params(state.params)))
+        return jax.tree.map(np.asarray, jax.device_get(self.eval_weights(state)[0]))
+
+    def host_model_state(self, state) -> Any:
+        """The model state on the host (one replica); typed keys stay keys."""
+        return jax.device_get(self.eval_weights(state)[1])
 
 
 def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | None = None,
@@ -129,14 +141,14 @@ def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | 
                                 f"--steps-per-call 1 with --strategy {strategy}")
     dtype = PRECISIONS[precision]
     wrap = traced.TracedStep if mode == traced.MODE else eager.EagerStep
-    eval_fn = make_eval_step(model.apply, compute_dtype=dtype)
+    eval_fn = make_eval_step(model, compute_dtype=dtype)
     fused = eager.fused_update if mode == eager.MODE and eager_update == "fused" else None
 
     if strategy == "none":
         if devices not in (None, 1) or jax.process_count() > 1:
             raise ParallelError("several devices or processes need a data-parallel strategy: add "
                                 "--strategy shard_map (or pmap, auto)")
-        train_fn = make_train_step(model.apply, tx, compute_dtype=dtype, wrap_update=fused)
+        train_fn = make_train_step(model, tx, compute_dtype=dtype, wrap_update=fused)
         if mode == traced.MODE:
             steps = None
             if gather is not None:
@@ -146,8 +158,8 @@ def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | 
             elif steps_per_call > 1:
                 steps = wrap(make_scan_steps(train_fn, unroll=unroll), donate_argnums=0)
             return Plan(strategy, None, wrap(train_fn, donate_argnums=0), wrap(eval_fn),
-                        _identity, jax.device_put, _identity, train_steps=steps, gather=gather is not None)
-        return Plan(strategy, None, wrap(train_fn), wrap(eval_fn), _identity, jax.device_put, _identity)
+                        _identity, jax.device_put, _weights, train_steps=steps, gather=gather is not None)
+        return Plan(strategy, None, wrap(train_fn), wrap(eval_fn), _identity, jax.device_put, _weights)
 
     if mode == eager.MODE and strategy != "shard_map":
         raise ParallelError(f"eager mode runs data-parallel only with --strategy shard_map, not {strategy}")
@@ -162,24 +174,25 @@ def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | 
         eval_step = eager.EagerStep(eval_fn)
 
     if strategy == "shard_map":
-        train_fn = make_train_step(model.apply, tx, reduce=mean_over_devices, compute_dtype=dtype, wrap_update=fused)
+        train_fn = make_train_step(model, tx, reduce=mean_over_devices, compute_dtype=dtype, wrap_update=fused,
+                                   device_rng=key_per_device)
         sharded = jax.shard_map(train_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                                 out_specs=(P(), P()), check_vma=False)
         train_step = wrap(sharded, donate_argnums=0) if mode == traced.MODE else wrap(sharded)
-        return Plan(strategy, mesh, train_step, eval_step, put_replicated, put_split, _identity)
+        return Plan(strategy, mesh, train_step, eval_step, put_replicated, put_split, _weights)
 
     if strategy == "auto":
-        train_fn = make_train_step(model.apply, tx, compute_dtype=dtype)
+        train_fn = make_train_step(model, tx, compute_dtype=dtype)
         train_step = traced.TracedStep(train_fn, donate_argnums=0, in_shardings=(replicated, split),
                                        out_shardings=(replicated, replicated))
-        return Plan(strategy, mesh, train_step, eval_step, put_replicated, put_split, _identity)
+        return Plan(strategy, mesh, train_step, eval_step, put_replicated, put_split, _weights)
 
     # pmap: one replica of the state per device along a new leading axis.
     if jax.process_count() > 1:
         raise ParallelError("--strategy pmap runs within one process here: use shard_map or auto "
                             "across processes")
     n = mesh.size
-    train_fn = make_train_step(model.apply, tx, reduce=mean_over_devices, compute_dtype=dtype)
+    train_fn = make_train_step(model, tx, reduce=mean_over_devices, compute_dtype=dtype, device_rng=key_per_device)
     pmap = functools.partial(jax.pmap, axis_name=DATA_AXIS, devices=list(mesh.devices.flat))
     train_step = traced.TracedStep(train_fn, donate_argnums=0, transform=pmap)
 
@@ -191,7 +204,7 @@ def plan(mode: str, model: Model, tx, *, strategy: str = "none", devices: int | 
         return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), split) for k, v in batch.items()}
 
     return Plan(strategy, mesh, train_step, eval_step, put_stacked, put_per_device,
-                lambda params: jax.tree.map(lambda x: x[0], params), put_eval_batch=put_split)
+                lambda state: jax.tree.map(lambda x: x[0], _weights(state)), put_eval_batch=put_split)
 
 
 def check_batch_size(batch_size: int, num_devices: int, what: str = "--batch-size") -> None:
@@ -203,6 +216,11 @@ def check_batch_size(batch_size: int, num_devices: int, what: str = "--batch-siz
 
 def _identity(x):
     return x
+
+
+def _weights(state):
+    """What evaluation takes of a train state: its parameters and model state."""
+    return state.params, state.model_state
 
 
 def _put_global(tree, *, sharding: NamedSharding):

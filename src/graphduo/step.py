@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from graphduo.models import ApplyFn, Model
+from graphduo.models import ApplyFn, ForwardFn, Model
 
 Batch = dict[str, jax.Array]  # {"image": f32[B, H, W, C], "label": i32[B]}
 Metrics = dict[str, jax.Array]
@@ -25,15 +25,17 @@ SCHEDULES = ("constant", "warmup-cosine")
 class TrainState(NamedTuple):
     """Everything a step reads and writes: a pytree, so it can be jitted, donated and saved.
 
-    ``rng`` is the run's base key; a step needing randomness derives its own key as
-    ``jax.random.fold_in(state.rng, state.step)``, so the stream never depends on how many
-    steps ran in one process.
+    ``rng`` is the run's base key; each step draws its randomness (dropout) from
+    ``jax.random.fold_in(state.rng, state.step)``, so the stream never depends on how many steps ran
+    in one process. ``model_state``: what the model itself updates (BatchNorm's running statistics,
+    an NNX module's random streams); ``{}`` for a model that keeps none.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    model_state: Any = {}  # noqa: RUF012  (never mutated: each step returns a new one)
 
 
 def make_optimizer(
@@ -76,10 +78,10 @@ def make_optimizer(
 
 
 def create_train_state(model: Model, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    """Initial parameters from ``rng`` and the optimizer's initial state."""
+    """Initial parameters and model state from ``rng``, and the optimizer's initial state."""
     init_rng, state_rng = jax.random.split(rng)
-    params = model.init(init_rng)
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_rng)
+    params, model_state = model.init_variables(init_rng)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_rng, model_state)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -92,45 +94,65 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def make_train_step(
-    apply_fn: ApplyFn,
+    model: Model | ApplyFn,
     tx: optax.GradientTransformation,
     *,
     reduce: Callable[[Any], Any] | None = None,
     compute_dtype: jnp.dtype | None = None,
     wrap_update: Callable[[Callable], Callable] | None = None,
+    device_rng: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """``train_step(state, batch) -> (state, {"loss", "accuracy"})``: one pure optimizer step.
 
     Args:
-      apply_fn: ``logits = apply_fn(params, images)``.
+      model: a ``Model`` (its ``forward``: parameters, model state and randomness), or a stateless
+        ``logits = apply_fn(params, images)``.
       tx: the optax optimizer.
-      reduce: applied to the gradients and the metrics before the update; data-parallel
-        wrappers pass a cross-device mean here (``graphduo.parallel``). ``None`` on one device.
+      reduce: applied to the gradients, the metrics and the new model state before the update;
+        data-parallel wrappers pass a cross-device mean here (``graphduo.parallel``). ``None`` on
+        one device.
       compute_dtype: run the forward and backward pass in this dtype (``jnp.bfloat16``) while
         parameters, gradients and optimizer state stay float32 (mixed precision, as PyTorch AMP).
       wrap_update: applied once to the optimizer update, ``(grads, opt_state, params) -> (params,
         opt_state)``; eager mode's fused variant compiles it into one op (``graphduo.eager``).
+      device_rng: turns the step's key into this device's (data-parallel wrappers: each device
+        draws its own dropout masks).
 
     The metrics describe the parameters *before* the update (the loss the gradient came from).
     """
-    forward = _in_dtype(apply_fn, compute_dtype)
+    forward = _in_dtype(forward_of(model), compute_dtype)
     update = optimizer_update(tx)
     if wrap_update is not None:
         update = wrap_update(update)
 
-    def loss_fn(params, batch):
-        logits = forward(params, batch["image"])
-        return cross_entropy(logits, batch["label"]), logits
+    def loss_fn(params, model_state, batch, rng):
+        logits, new_model_state = forward(params, model_state, batch["image"], True, rng)
+        return cross_entropy(logits, batch["label"]), (logits, new_model_state)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        rng = jax.random.fold_in(state.rng, state.step)
+        if device_rng is not None:
+            rng = device_rng(rng)
+        (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.model_state, batch, rng)
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
         if reduce is not None:
-            grads, metrics = reduce((grads, metrics))
+            grads, metrics, model_state = reduce((grads, metrics, model_state))
         params, opt_state = update(grads, state.opt_state, state.params)
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        return TrainState(state.step + 1, params, opt_state, state.rng, model_state), metrics
 
     return train_step
+
+
+def forward_of(model: Model | ApplyFn) -> ForwardFn:
+    """``model``'s ``forward``; a plain ``apply_fn(params, x)`` as a forward with no model state."""
+    if isinstance(model, Model):
+        return model.forward
+
+    def forward(params, model_state, x, train, rng):
+        return model(params, x), model_state
+
+    return forward
 
 
 def make_scan_steps(train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]], *, unroll: int = 1):
@@ -182,29 +204,34 @@ def optimizer_update(tx: optax.GradientTransformation) -> Callable[[Any, Any, An
     return update
 
 
-def _in_dtype(apply_fn: ApplyFn, dtype) -> ApplyFn:
-    """``apply_fn`` computing in ``dtype`` on float32 parameters, returning float32 logits."""
+def _in_dtype(forward: ForwardFn, dtype) -> ForwardFn:
+    """``forward`` computing in ``dtype`` on float32 parameters, returning float32 logits and a model
+    state in the dtypes it came in."""
     if dtype is None or jnp.dtype(dtype) == jnp.float32:
-        return apply_fn
+        return forward
 
-    def apply(params, x):
+    def low_forward(params, model_state, x, train, rng):
         low = jax.tree.map(lambda p: p.astype(dtype), params)
-        return apply_fn(low, x.astype(dtype)).astype(jnp.float32)
+        logits, new_state = forward(low, model_state, x.astype(dtype), train, rng)
+        new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, model_state)
+        return logits.astype(jnp.float32), new_state
 
-    return apply
+    return low_forward
 
 
-def make_eval_step(apply_fn: ApplyFn, *, compute_dtype: jnp.dtype | None = None) -> Callable[[Any, Batch], Metrics]:
-    """``eval_step(params, batch) -> {"loss_sum", "correct", "count"}``: sums, so batches add up.
+def make_eval_step(model: Model | ApplyFn, *, compute_dtype: jnp.dtype | None = None) -> Callable[[Any, Batch], Metrics]:
+    """``eval_step(weights, batch) -> {"loss_sum", "correct", "count"}``: sums, so batches add up.
+    ``weights`` is ``(params, model_state)`` (``TrainState``'s); the model runs in evaluation mode.
 
     ``batch["mask"]`` (1 for real examples, 0 for padding) lets the last batch be padded to the
     same shape as the others, so a traced evaluation compiles once.
     """
 
-    forward = _in_dtype(apply_fn, compute_dtype)
+    forward = _in_dtype(forward_of(model), compute_dtype)
 
-    def eval_step(params, batch: Batch) -> Metrics:
-        logits = forward(params, batch["image"])
+    def eval_step(weights, batch: Batch) -> Metrics:
+        params, model_state = weights
+        logits, _ = forward(params, model_state, batch["image"], False, None)
         mask = batch["mask"]
         losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], axis=-1)[:, 0]
         hits = jnp.argmax(logits, -1) == batch["label"]

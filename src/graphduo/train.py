@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from graphduo import parallel, paths, traced
-from graphduo.checkpoint import Checkpointer
+from graphduo.checkpoint import Checkpointer, is_key
 from graphduo.config import DEFAULT_EPOCHS, Config, ConfigError
 from graphduo.data import Dataset, epoch_batches, epoch_permutation, load_dataset, steps_per_epoch
 from graphduo.models import Model, build_model, count_params
@@ -48,6 +48,8 @@ most this many steps later, and always before a checkpoint is saved."""
 
 PARAMS_FILE = "params.npz"
 """The run's final parameters, in its run directory (``save_params``' format)."""
+MODEL_STATE_FILE = "model_state.npz"
+"""The run's final model state (BatchNorm's statistics...), beside them, for models that keep one."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -186,7 +188,7 @@ class Run:
 
     def evaluate(self, state) -> dict[str, float]:
         plan = self.plan
-        return evaluate(plan.eval_step, plan.eval_params(state.params), self.dataset.x_test, self.dataset.y_test,
+        return evaluate(plan.eval_step, plan.eval_weights(state), self.dataset.x_test, self.dataset.y_test,
                         put=plan.put_eval_batch or plan.put_batch, multiple=plan.num_devices)
 
 
@@ -202,8 +204,11 @@ def prepare(config: Config) -> Run:
                           f"examples of {config.dataset}: use --batch-size {n_train} or less")
     per_epoch = steps_per_epoch(n_train, config.batch_size)
     total = config.steps if config.steps is not None else per_epoch * (config.epochs or DEFAULT_EPOCHS)
+    options = config.model_options()
+    if config.model == "resnet" and config.strategy in ("shard_map", "pmap"):
+        options["batch_norm_axis"] = parallel.DATA_AXIS  # batch statistics over the global batch (SyncBatchNorm)
     try:
-        model = build_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_options())
+        model = build_model(config.model, dataset.input_shape, dataset.num_classes, **options)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     tx = make_optimizer(config.optimizer, config.lr, momentum=config.momentum,
@@ -242,9 +247,10 @@ def device_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, 
     yield from queue
 
 
-def evaluate(eval_step, params, x: np.ndarray, y: np.ndarray, batch_size: int = 512, *,
+def evaluate(eval_step, weights, x: np.ndarray, y: np.ndarray, batch_size: int = 512, *,
              put=jax.device_put, multiple: int = 1) -> dict[str, float]:
-    """Loss and accuracy over the whole of ``x, y``; the last batch is padded, not dropped.
+    """Loss and accuracy over the whole of ``x, y`` with ``weights`` (a state's ``(params,
+    model_state)``); the last batch is padded, not dropped.
 
     ``batch_size`` is rounded up to a ``multiple`` of the device count; with several processes,
     each contributes only its slice of every evaluation batch.
@@ -263,7 +269,7 @@ def evaluate(eval_step, params, x: np.ndarray, y: np.ndarray, batch_size: int = 
             xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
         local = slice(index * rows, (index + 1) * rows)
-        sums = eval_step(params, put({"image": xb[local], "label": yb[local], "mask": mask[local]}))
+        sums = eval_step(weights, put({"image": xb[local], "label": yb[local], "mask": mask[local]}))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = jax.device_get(totals)
     return {"loss": float(totals["loss_sum"] / totals["count"]),
@@ -278,7 +284,9 @@ def default_run_dir(config: Config) -> pathlib.Path:
 # Settings a run directory must share with the command that resumes it: they decide the shapes
 # of the state or the arithmetic of every step. The others (how long, where, how often to save,
 # how many processes) may change between a run and its resumption.
-RESUME_MUST_MATCH = ("model", "dataset", "mlp_features", "cnn_channels", "cnn_dense", "synthetic_shape",
+RESUME_MUST_MATCH = ("model", "dataset", "mlp_features", "cnn_channels", "cnn_dense", "resnet_width", "resnet_stages",
+                     "rnn_cell", "rnn_hidden", "rnn_loop", "vit_patch", "vit_dim", "vit_depth", "vit_heads",
+                     "synthetic_shape",
                      "synthetic_size", "batch_size", "optimizer", "lr", "schedule", "warmup_steps",
                      "momentum", "weight_decay", "seed", "precision")
 
@@ -398,6 +406,8 @@ def train_and_evaluate(config: Config, *, progress: bool = True, log_every: int 
                         first_call_s=first_call_s, first_call_steps=first_call_steps, train_time_s=clock.seconds())
     params = run.plan.host_params(state)
     save_params(params, run.run_dir / PARAMS_FILE, write=lead)  # what `graphduo export` exports
+    if jax.tree.leaves(state.model_state):
+        save_params(run.plan.host_model_state(state), run.run_dir / MODEL_STATE_FILE, write=lead)
     if config.params_out:
         save_params(params, config.params_out, write=lead)
     if lead:
@@ -783,8 +793,10 @@ class _StopSignal:
 
 
 def save_params(params, path: str | os.PathLike, *, write: bool = True) -> None:
-    """Save a parameter tree to ``path`` (.npz, keys like ``Dense_0/kernel``), atomically."""
-    flat = {"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(v)
+    """Save a parameter tree to ``path`` (.npz, keys like ``Dense_0/kernel``), atomically; typed PRNG
+    keys (in a model state) as their raw data."""
+    flat = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys):
+            np.asarray(jax.random.key_data(v) if is_key(v) else v)
             for keys, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     if not write:
         return
