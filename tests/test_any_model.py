@@ -292,3 +292,67 @@ def test_state_and_dropout_models_train_under_every_strategy_and_bf16(strategy, 
         losses = [r["loss"] for r in records if r.get("kind", r.get("type")) == "train" and "loss" in r]
         assert summary["steps"] == 30 and np.isfinite(summary["final_loss"]) and 0 <= summary["test_accuracy"] <= 1
         assert losses and losses[-1] < losses[0], (name, strategy, losses)
+
+
+class _SowingNNX(nnx.Module):
+    """An NNX module that sows an intermediate (as NNX's own examples do for activations) and drops out."""
+
+    def __init__(self, num_classes, *, rngs):
+        self.a = nnx.Linear(64, 16, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.b = nnx.Linear(16, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.a(x.reshape((x.shape[0], -1))))
+        self.sow(nnx.Intermediate, "hidden", h)
+        return self.b(self.drop(h))
+
+
+# flax 0.12 deprecates ``Module.sow`` outside ``nnx.capture`` but still runs it: users' modules do
+@pytest.mark.filterwarnings("ignore:Using 'Module.sow\\(\\)' outside:DeprecationWarning")
+def test_an_nnx_module_draws_dropout_from_the_steps_key_and_may_sow(digits):
+    model = Model.from_flax(_SowingNNX(10, rngs=nnx.Rngs(0)), digits.input_shape, digits.num_classes)
+    params, state = model.init_variables(jax.random.key(0))
+    x = jnp.asarray(digits.x_train[:8])
+    a, new_state = model.forward(params, state, x, True, jax.random.key(1))
+    b, _ = model.forward(params, state, x, True, jax.random.key(1))
+    c, _ = model.forward(params, state, x, True, jax.random.key(2))
+    # the step's key decides the mask (so each device's key gives its own), and only the key
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # the carried streams and state keep their structure (nothing sown leaks into the next step)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert tree_allclose(_comparable(new_state["streams"]), _comparable(state["streams"]), rtol=0, atol=0)
+    eager, _ = _train("eager", model, digits, steps=3)
+    traced, _ = _train("traced", model, digits, steps=3)
+    assert tree_allclose(eager, traced, rtol=RTOL, atol=ATOL)
+
+
+FUTURE_LINEN = '''from __future__ import annotations
+
+import flax.linen as nn
+
+
+class Net(nn.Module):
+    num_classes: int
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(self.num_classes)(nn.relu(nn.Dense(self.width)(x.reshape((x.shape[0], -1)))))
+'''
+
+
+def test_model_files_in_every_style_and_a_relative_path_that_lasts(tmp_path, monkeypatch, capsys):
+    """A linen class with string annotations, an NNX class named directly (its ``rngs`` keyword), and a
+    relative FILE.py that the run records absolute, so it exports from another directory."""
+    (tmp_path / "mine.py").write_text(FUTURE_LINEN)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spec in ("mine.py:Net", f"{ROOT / 'examples' / 'nnx_model.py'}:SmallConvNet"):
+        run = tmp_path / spec.rsplit(":", 1)[1]
+        code, out, err = _run_cli(capsys, "train", "--model", spec, "--steps", "5", "--quiet", "--run-dir", str(run))
+        assert code == 0, err
+    assert json.loads((tmp_path / "Net" / "config.json").read_text())["model"] == f"{tmp_path / 'mine.py'}:Net"
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out, err = _run_cli(capsys, "export", str(tmp_path / "Net"), "--out", "m.jaxexport")
+    assert code == 0, err

@@ -12,7 +12,7 @@ import threading
 import types
 import typing
 
-from graphduo.config import Config, ConfigError
+from graphduo.config import Config, ConfigError, lasting_spec
 from graphduo.data import DataError
 from graphduo.export import ExportError
 
@@ -88,7 +88,10 @@ def _checked(parse, name):
 
 
 def _config_from(args, fields) -> Config:
-    return Config(**{name: getattr(args, name) for name in fields})
+    values = {name: getattr(args, name) for name in fields}
+    if "model" in values:
+        values["model"] = lasting_spec(values["model"])
+    return Config(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:

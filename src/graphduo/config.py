@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from typing import Any
 
 from graphduo.data import DATASETS
 from graphduo.eager import EAGER_UPDATES
 from graphduo.models import MODELS
-from graphduo.zoo import RNN_CELLS, RNN_LOOPS
 from graphduo.parallel import PRECISIONS, STRATEGIES
 from graphduo.runtime import CPU_CONVOLUTIONS, DEFAULT_CPU_CONVOLUTIONS, DEFAULT_HOST_MEMORY, HOST_MEMORY
 from graphduo.step import OPTIMIZERS, SCHEDULES
+from graphduo.zoo import RNN_CELLS, RNN_LOOPS
 
 MODES = ("eager", "traced")
 DEFAULT_EPOCHS = 10
@@ -36,6 +37,15 @@ def parse_ints(text: str, sep: str = ",") -> tuple[int, ...]:
     if not values:
         raise ConfigError(f"expected integers separated by {sep!r}, got {text!r}")
     return values
+
+
+def lasting_spec(spec: str) -> str:
+    """``spec`` as a run records it: a relative ``FILE.py:NAME`` made absolute, so resuming or
+    exporting the run works from any directory; anything else as it is."""
+    where, _, attr = spec.rpartition(":")
+    if where.endswith(".py") and pathlib.Path(where).is_file() and not pathlib.Path(where).is_absolute():
+        return f"{pathlib.Path(where).resolve()}:{attr}"
+    return spec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import pathlib
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -351,22 +352,33 @@ def _fresh_copy(a: jax.Array) -> jax.Array:
 
 
 def _from_nnx(name: str, module: nnx.Module, input_shape: tuple[int, ...]) -> Model:
-    graphdef, params, state = nnx.split(module, nnx.Param, ...)
+    # Three parts: parameters, the module's random streams, and the rest of its state (BatchNorm's
+    # statistics). What it sows (nnx.Intermediate) is left out: it appears only after a call.
+    graphdef, params, streams, rest = nnx.split(module, nnx.Param, nnx.RngState, nnx.Not(nnx.Intermediate))
 
     def init_variables(rng):
         # An NNX module made its parameters when it was built. Fresh copies each time: a traced step
         # donates its state's buffers, which would otherwise delete the module's own arrays.
-        return jax.tree.map(_fresh_copy, (params, state))
+        return jax.tree.map(_fresh_copy, (params, {"streams": streams, "state": rest}))
 
     def forward(params, model_state, x, train, rng):
         # Fresh Variables in this trace: NNX refuses to update a Variable made under another trace
         # (one passed in from outside jax.grad), and a tree map rebuilds each one here.
+        carried = model_state
         params, model_state = jax.tree.map(lambda v: v, (params, model_state))
-        m = nnx.merge(graphdef, params, model_state)
+        m = nnx.merge(graphdef, params, model_state["streams"], model_state["state"])
         m.train() if train else m.eval()
+        if train and rng is not None:
+            # The step's own key (fold_in(rng, step), one per device under data parallelism) feeds
+            # dropout, as for a linen module; the carried streams stay as they were, so every
+            # device's state is the same and eager and traced draw alike.
+            nnx.reseed(m, dropout=rng, default=jax.random.fold_in(rng, 1))
         logits = m(x)
-        _, _, new_state = nnx.split(m, nnx.Param, ...)
-        return logits, new_state if train else model_state
+        if not train:
+            return logits, carried
+        nnx.pop(m, nnx.Intermediate)
+        _, _, _, new_rest = nnx.split(m, nnx.Param, nnx.RngState, nnx.Not(nnx.Intermediate))
+        return logits, {"streams": carried["streams"], "state": new_rest}
 
     return Model(name, module, input_shape, forward, init_variables)
 
@@ -421,17 +433,23 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **optio
     return dataclasses.replace(model, options=options)
 
 
-def _takes_rngs(factory) -> bool:
-    """Whether ``factory`` is called as ``NAME(num_classes, rngs)`` (NNX) rather than ``NAME(num_classes)``:
-    it has a parameter named ``rngs``, or a second positional parameter without a default (a linen
-    module class's other fields all have defaults; keyword-only options never count)."""
+def _rngs_argument(factory) -> str | None:
+    """How ``factory`` takes an NNX module's ``rngs``: ``"keyword"`` (a parameter named ``rngs``, the
+    NNX convention, positional or keyword-only), ``"positional"`` (a second positional parameter
+    without a default: ``NAME(num_classes, rngs)``), or ``None`` (``NAME(num_classes)``: a linen
+    module's other fields all have defaults; keyword-only options never count). An NNX module class
+    is read through its ``__init__`` (NNX's metaclass hides the signature)."""
+    target = factory.__init__ if inspect.isclass(factory) and issubclass(factory, nnx.Module) else factory
     try:
-        params = list(inspect.signature(factory).parameters.values())
+        params = list(inspect.signature(target).parameters.values())
     except (TypeError, ValueError):
-        return False
+        return None
+    if target is not factory:
+        params = params[1:]  # self
+    if any(p.name == "rngs" for p in params):
+        return "keyword"
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = [p for p in positional if p.default is p.empty]
-    return any(p.name == "rngs" for p in params) or len(required) >= 2
+    return "positional" if len([p for p in positional if p.default is p.empty]) >= 2 else None
 
 
 def load_model(spec: str, input_shape: Sequence[int], num_classes: int, *, seed: int = 0) -> Model:
@@ -449,9 +467,13 @@ def load_model(spec: str, input_shape: Sequence[int], num_classes: int, *, seed:
         module_name = f"graphduo_user_model_{abs(hash(str(path.resolve())))}"
         loader = importlib.util.spec_from_file_location(module_name, path)
         source = importlib.util.module_from_spec(loader)
+        # Registered while it runs, as an import registers a module: dataclasses (so Flax's linen
+        # modules) look their string annotations up there (``from __future__ import annotations``).
+        sys.modules[module_name] = source
         try:
             loader.loader.exec_module(source)
         except Exception as err:
+            del sys.modules[module_name]
             raise ModelError(f"--model {spec}: {path} fails to import ({type(err).__name__}: "
                              f"{(str(err).splitlines() or [''])[0][:160]})") from None
     else:
@@ -463,11 +485,14 @@ def load_model(spec: str, input_shape: Sequence[int], num_classes: int, *, seed:
     factory = getattr(source, attr, None)
     if not callable(factory):
         raise ModelError(f"--model {spec}: {where} has no function or class {attr}")
-    takes_rngs = _takes_rngs(factory)
+    rngs = _rngs_argument(factory)
     try:
-        module = factory(num_classes, nnx.Rngs(seed)) if takes_rngs else factory(num_classes)
+        if rngs == "keyword":
+            module = factory(num_classes, rngs=nnx.Rngs(seed))
+        else:
+            module = factory(num_classes, nnx.Rngs(seed)) if rngs else factory(num_classes)
     except Exception as err:
-        raise ModelError(f"--model {spec}: {attr}(num_classes{', rngs' if takes_rngs else ''}) failed "
+        raise ModelError(f"--model {spec}: {attr}(num_classes{', rngs' if rngs else ''}) failed "
                          f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]})") from None
     model = Model.from_flax(module, input_shape, num_classes, name=spec)
     return dataclasses.replace(model, options={"seed": seed} if isinstance(module, nnx.Module) else {})

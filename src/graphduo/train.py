@@ -278,7 +278,9 @@ def evaluate(eval_step, weights, x: np.ndarray, y: np.ndarray, batch_size: int =
 
 def default_run_dir(config: Config) -> pathlib.Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return pathlib.Path("runs") / f"{stamp}-{config.model}-{config.mode}-{config.dataset}"
+    where, _, name = config.model.rpartition(":")  # a user's FILE.py:NAME: one folder, named for both
+    label = f"{pathlib.Path(where).stem}.{name}" if where else config.model
+    return pathlib.Path("runs") / f"{stamp}-{label}-{config.mode}-{config.dataset}"
 
 
 # Settings a run directory must share with the command that resumes it: they decide the shapes
@@ -300,9 +302,10 @@ def check_resumable(run_dir: pathlib.Path, config: Config) -> bool:
         saved = json.loads(saved_path.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"{saved_path} is unreadable ({err}): use another --run-dir") from None
-    current = config.to_dict()
+    current, defaults = config.to_dict(), Config().to_dict()
     for name in RESUME_MUST_MATCH:
-        old, new = saved.get(name), current[name]
+        # a setting newer than the saved run is recorded there as its default
+        old, new = saved.get(name, defaults[name]), current[name]
         if isinstance(new, tuple):
             old = tuple(old) if isinstance(old, list) else old
         if old != new:
