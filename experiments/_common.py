@@ -6,7 +6,7 @@ The scripts import this module as ``_common``: Python puts the running script's 
 folder there too. Nothing here runs at import: no JAX computation, no process setting.
 
 The preamble. A script's ``main`` calls ``setup`` before any JAX computation: it applies graphduo's
-process settings (``graphduo.runtime.apply_process_settings``: the ``XLA_FLAGS`` entry for XLA:CPU's
+process settings (``graphduo.cli.apply_process_settings``: the ``XLA_FLAGS`` entry for XLA:CPU's
 convolutions, read once when JAX's backend starts, and the host memory policy) and returns what it
 applied, which ``environment`` records in every ``results.json``, so each figure says what ran it.
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from graphduo import runtime
+from graphduo import cli, runtime
 
 INPUT_SHAPE = (28, 28, 1)  # the experiments' images: MNIST's shape, synthetic values
 NUM_CLASSES = 10
@@ -61,7 +61,7 @@ def setup(cpu_convolutions: str = runtime.DEFAULT_CPU_CONVOLUTIONS,
     """A script's first call in ``main``, before any JAX computation: graphduo's process settings
     (default: the CLI's), applied as an entry point applies them; what was applied is returned for
     ``environment``. Too late (JAX already started), the settings' notes say so."""
-    return runtime.apply_process_settings(cpu_convolutions, host_memory)
+    return cli.apply_process_settings(cpu_convolutions, host_memory)
 
 
 def environment(settings: runtime.ProcessSettings) -> dict[str, Any]:

@@ -21,7 +21,7 @@ formulations (all compute the same function, checked by the losses below):
                       XLA's. Where oneDNN cannot load (the ``onednn`` extra, Linux x86-64 only) this
                       formulation is recorded as unavailable, with the reason, and the others run.
 
-process settings (``graphduo.runtime.apply_process_settings`` through ``_common.setup``; XLA reads
+process settings (``graphduo.cli.apply_process_settings`` through ``_common.setup``; XLA reads
 its flags once per process and the host memory policy lasts for the process, so each setting runs in
 its own child process, which records what it applied):
 * convolutions ``xla``: this jaxlib's choice of library for the convolutions XLA compiles;

@@ -73,9 +73,11 @@ def _batches(batch_size: int, n: int, seed: int = 0):
 
 def _apply_settings() -> dict:
     """The tree's own entry-point defaults, applied as its CLI applies them, before JAX starts."""
-    from graphduo import runtime
+    from graphduo import cli, runtime
 
-    if hasattr(runtime, "apply_process_settings"):
+    if hasattr(cli, "apply_process_settings"):
+        return cli.apply_process_settings().record()
+    if hasattr(runtime, "apply_process_settings"):  # the portable core before the entry points owned it
         return runtime.apply_process_settings().record()
     flags, notes = runtime.apply_cpu_settings()  # graphduo before the portable core
     os.environ["XLA_FLAGS"] = flags

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import graphduo
-from graphduo.runtime import apply_process_settings
+from graphduo.cli import apply_process_settings
 
 # The suite runs what users run: the CLI's default process settings, applied as an entry point does
 # (before any JAX computation) and recorded for the tests that read them.

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from graphduo import runtime
+from graphduo import cli, runtime
 
 CHECKED = "0.10.2"  # a jaxlib release the flag was checked in
 
@@ -75,7 +75,7 @@ def test_unknown_choice_names_the_choices():
 def test_apply_process_settings_sets_xla_flags_and_records_what_it_did(fresh, monkeypatch):
     monkeypatch.setattr(runtime, "_host_memory_applied", None)  # as in a fresh process
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-    settings = runtime.apply_process_settings("eigen", "system")
+    settings = cli.apply_process_settings("eigen", "system")
     assert os.environ["XLA_FLAGS"] == settings.xla_flags
     record = settings.record()
     assert record["cpu_convolutions"] == "eigen" and record["host_memory"] == "system"

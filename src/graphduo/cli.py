@@ -12,6 +12,7 @@ import threading
 import types
 import typing
 
+from graphduo import runtime
 from graphduo.config import Config, ConfigError, lasting_spec
 from graphduo.data import DataError
 from graphduo.export import ExportError
@@ -85,6 +86,19 @@ def _checked(parse, name):
 
     convert.__name__ = getattr(parse, "__name__", name)
     return convert
+
+
+def apply_process_settings(cpu_convolutions: str = runtime.DEFAULT_CPU_CONVOLUTIONS,
+                           host_memory: str = runtime.DEFAULT_HOST_MEMORY) -> runtime.ProcessSettings:
+    """An entry point's first call, before any JAX computation: puts the ``XLA_FLAGS`` value for
+    ``cpu_convolutions`` into the environment, applies ``host_memory``, and returns what it did.
+    It lives here, in the CLI's module, because it is entry-point code: the CLI, the experiment
+    scripts and the test suite's conftest call it; the library's modules only compute the settings
+    (``graphduo.runtime``) and never apply them."""
+    flags, flags_note = runtime.cpu_convolution_flags(cpu_convolutions)
+    os.environ["XLA_FLAGS"] = flags
+    memory_note = runtime.reuse_host_memory(host_memory)
+    return runtime.ProcessSettings(cpu_convolutions, host_memory, flags, (flags_note, memory_note))
 
 
 def _config_from(args, fields) -> Config:
@@ -266,8 +280,6 @@ def setup_runtime(config: Config):
     through ``jax.distributed.initialize``; a watchdog turns a peer that never arrives into a
     one-line error instead of an abort.
     """
-    from graphduo.runtime import apply_process_settings
-
     settings = apply_process_settings(config.cpu_convolutions, config.host_memory)  # before JAX starts
     import jax
 

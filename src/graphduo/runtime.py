@@ -186,14 +186,3 @@ class ProcessSettings:
     def record(self) -> dict[str, object]:
         return {"cpu_convolutions": self.cpu_convolutions, "host_memory": self.host_memory,
                 "xla_flags": self.xla_flags, "notes": list(self.notes)}
-
-
-def apply_process_settings(cpu_convolutions: str = DEFAULT_CPU_CONVOLUTIONS,
-                           host_memory: str = DEFAULT_HOST_MEMORY) -> ProcessSettings:
-    """An entry point's first call, before any JAX computation: puts the ``XLA_FLAGS`` value for
-    ``cpu_convolutions`` into the environment, applies ``host_memory``, and returns what it did.
-    Never called by a library module: whoever calls it owns the process."""
-    flags, flags_note = cpu_convolution_flags(cpu_convolutions)
-    os.environ["XLA_FLAGS"] = flags
-    memory_note = reuse_host_memory(host_memory)
-    return ProcessSettings(cpu_convolutions, host_memory, flags, (flags_note, memory_note))
